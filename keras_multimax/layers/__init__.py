@@ -1,0 +1,6 @@
+"""Keras layers of keras_multimax."""
+
+from keras_multimax.layers.multimax import MultiMax
+from keras_multimax.layers.seglu import SegLU
+
+__all__ = ["MultiMax", "SegLU"]

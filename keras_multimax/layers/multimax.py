@@ -1,0 +1,111 @@
+"""The `MultiMax` layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+
+from keras_multimax import ops
+from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
+from keras_multimax.layers._modulator import ModulatorParameters
+
+
+@keras.saving.register_keras_serializable(package="keras_multimax")
+class MultiMax(ModulatorParameters, keras.layers.Layer):
+    r"""MultiMax activation layer: SoftMax of a learned piece-wise modulation.
+
+    Formula:
+
+    $$
+    \sigma(x) = x + \sum_{k=0}^{K-1} t_{2k}\,\mathrm{relu}(r_{2k} - x)^{k+1}
+        + t_{2k+1}\,\mathrm{relu}(x - r_{2k+1})^{k+1},
+    \qquad \mathrm{MultiMax}(x) = \mathrm{softmax}(\sigma(x))
+    $$
+
+    ``r`` is the weight ``ranges`` (the paper's thresholds ``b``, ``d`` of each
+    order) and ``t`` the weight ``ts`` (their slopes ``t_b``, ``t_d``), both of
+    shape ``(2 * order,)``. With ``ts = 0`` the layer is exactly
+    `keras.layers.Softmax`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = MultiMax(ts_initializer="zeros")
+    >>> np.round(layer(np.array([[1.0, 2.0, 1.0]])).numpy(), 4)
+    array([[0.2119, 0.5761, 0.2119]], dtype=float32)
+
+    Args:
+        axis: Integer or tuple of integers, the axes normalised over.
+        order: Integer >= 1, the order K of the modulator (the paper uses 2).
+        ranges_initializer: Initializer of ``ranges``. Defaults to a truncated
+            normal with standard deviation 0.02, as the official code.
+        ts_initializer: Initializer of ``ts``. Defaults as ``ranges``;
+            ``"zeros"`` starts the layer as exact SoftMax.
+        ranges_regularizer: Optional regularizer of ``ranges``.
+        ts_regularizer: Optional regularizer of ``ts``.
+        ranges_constraint: Optional constraint of ``ranges``.
+        ts_constraint: Optional constraint of ``ts``.
+        **kwargs: Base layer keyword arguments, such as ``name`` and ``dtype``.
+
+    Call arguments:
+        inputs: Floating-point scores (logits).
+        mask: Optional boolean mask broadcastable to ``inputs`` (True keeps an
+            entry). Masked entries get exactly zero probability, a fully
+            masked slice gives zeros. A Keras mask is used when no explicit
+            ``mask`` is given.
+
+    Returns:
+        Probabilities with the shape of ``inputs``.
+
+    Reference:
+        Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
+        Learning", ICML 2024.
+    """
+
+    def __init__(
+        self,
+        axis: int | Sequence[int] = -1,
+        order: int = 2,
+        ranges_initializer: Any = DEFAULT_INITIALIZER,
+        ts_initializer: Any = DEFAULT_INITIALIZER,
+        ranges_regularizer: Any = None,
+        ts_regularizer: Any = None,
+        ranges_constraint: Any = None,
+        ts_constraint: Any = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(axis, list):
+            axis = tuple(axis)
+        ops._normalize_axis(axis, None)  # type check; range checked in build
+        self.axis = axis
+        self._init_modulator(
+            order,
+            ranges_initializer,
+            ts_initializer,
+            ranges_regularizer,
+            ts_regularizer,
+            ranges_constraint,
+            ts_constraint,
+        )
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        ops._normalize_axis(self.axis, len(input_shape))
+        self._build_modulator()
+
+    def call(self, inputs, mask=None):
+        return ops.multimax(inputs, self.ranges, self.ts, axis=self.axis, mask=mask)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"axis": self.axis, **self._modulator_config()})
+        return config

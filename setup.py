@@ -1,0 +1,44 @@
+"""Installs keras_multimax: MultiMax (ICML 2024) for Keras 3 / TensorFlow."""
+
+import pathlib
+import re
+
+from setuptools import find_packages
+from setuptools import setup
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"',
+    (HERE / "keras_multimax" / "__init__.py").read_text(),
+    re.M,
+).group(1)
+
+EXTRAS = {
+    # Plots of the analysis module and the examples' digits fallback.
+    "examples": ["matplotlib>=3.7", "scikit-learn>=1.3"],
+    # Runtimes to check exported models: LiteRT interpreter and ONNX.
+    "export": ["ai-edge-litert", "onnxruntime", "tf2onnx", "onnx"],
+}
+EXTRAS["test"] = sorted(
+    {"pytest>=7", "ruff>=0.6", *EXTRAS["examples"], *EXTRAS["export"]}
+)
+
+setup(
+    name="keras-multimax",
+    version=VERSION,
+    description=(
+        "MultiMax: sparse and multi-modal attention (ICML 2024) for Keras 3 "
+        "with the TensorFlow backend."
+    ),
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["keras_multimax", "keras_multimax.*"]),
+    python_requires=">=3.10",
+    install_requires=["tensorflow>=2.16", "keras>=3", "tensorflow-datasets", "numpy"],
+    extras_require=EXTRAS,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
