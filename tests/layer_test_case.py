@@ -1,0 +1,134 @@
+"""`run_layer_test`: the checks every keras_multimax layer goes through.
+
+In the spirit of Keras' own `TestCase.run_layer_test`: configuration round
+trip, symbolic and eager calls, weight counts, a training step that moves every
+weight, `.keras` save/load and mixed precision, in one call.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+
+
+def _as_kwargs(input_data):
+    return dict(input_data) if isinstance(input_data, dict) else {"inputs": input_data}
+
+
+def _outputs(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _build_model(layer, input_data, call_kwargs):
+    kwargs = _as_kwargs(input_data)
+    inputs = {
+        name: keras.Input(shape=np.shape(value)[1:], name=name, dtype="float32")
+        for name, value in kwargs.items()
+    }
+    first = next(iter(kwargs))
+    if first == "inputs":
+        out = layer(inputs["inputs"], **call_kwargs)
+    else:
+        out = layer(**inputs, **call_kwargs)
+    return keras.Model(inputs, _outputs(out)), {
+        name: np.asarray(value) for name, value in kwargs.items()
+    }
+
+
+def run_layer_test(
+    layer_cls,
+    init_kwargs: dict,
+    input_data,
+    expected_output_shape: tuple,
+    expected_num_trainable_weights: int,
+    call_kwargs: dict | None = None,
+    trainable_weight_names: tuple[str, ...] = ("ranges", "ts"),
+    mixed_precision_atol: float = 2e-2,
+):
+    """Runs the standard layer checks; raises AssertionError on failure.
+
+    Args:
+        layer_cls: The layer class.
+        init_kwargs: Constructor arguments.
+        input_data: An array (passed as the first positional argument) or a
+            dict of arrays passed as keyword arguments (e.g. query/value).
+        expected_output_shape: Shape of the (first) output for `input_data`.
+        expected_num_trainable_weights: Number of trainable weights once built.
+        call_kwargs: Extra call arguments (e.g. ``use_causal_mask=True``).
+        trainable_weight_names: Weights that must move in one training step.
+        mixed_precision_atol: Tolerance of the mixed-precision outputs against
+            the float32 outputs with the same weights.
+    """
+    call_kwargs = dict(call_kwargs or {})
+
+    # Configuration round trip, with and without the registry.
+    layer = layer_cls(**init_kwargs)
+    config = layer.get_config()
+    for key in init_kwargs:
+        assert key in config, f"get_config() misses constructor argument {key!r}"
+    clone = layer_cls.from_config(config)
+    assert clone.get_config() == config
+    revived = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(layer)
+    )
+    assert type(revived) is layer_cls
+    assert revived.get_config() == config
+
+    # Eager call.
+    kwargs = _as_kwargs(input_data)
+    eager = _outputs(layer(**kwargs, **call_kwargs))
+    assert tuple(eager.shape) == tuple(expected_output_shape), eager.shape
+    assert np.all(np.isfinite(keras.ops.convert_to_numpy(eager)))
+    assert len(layer.trainable_weights) == expected_num_trainable_weights, [
+        w.path for w in layer.trainable_weights
+    ]
+
+    # Symbolic call: compute_output_shape agrees with the eager shape.
+    model, arrays = _build_model(layer_cls(**init_kwargs), input_data, call_kwargs)
+    assert tuple(model.output.shape[1:]) == tuple(expected_output_shape[1:])
+
+    # One training step moves every MultiMax weight.
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    target = np.random.default_rng(0).normal(size=expected_output_shape)
+    before = {w.path: np.array(w.numpy()) for w in model.trainable_weights}
+    model.fit(
+        arrays, target.astype("float32"), epochs=1, batch_size=len(target), verbose=0
+    )
+    for w in model.trainable_weights:
+        if w.path.split("/")[-1] in trainable_weight_names:
+            assert not np.array_equal(before[w.path], w.numpy()), (
+                f"{w.path} did not change in a training step"
+            )
+    reference = model.predict(arrays, verbose=0)
+
+    # .keras round trip gives the same outputs.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(arrays, verbose=0), reference, atol=1e-6)
+
+    # Mixed precision: outputs in the compute dtype, close to float32.
+    for policy, compute_dtype in (
+        ("mixed_float16", "float16"),
+        ("mixed_bfloat16", "bfloat16"),
+    ):
+        mixed = layer_cls.from_config({**config, "dtype": policy})
+        out = _outputs(mixed(**kwargs, **call_kwargs))
+        assert keras.backend.standardize_dtype(out.dtype) == compute_dtype
+        for w, v in zip(mixed.weights, layer.weights):
+            w.assign(v)
+        out = _outputs(mixed(**kwargs, **call_kwargs))
+        out = keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))
+        assert np.all(np.isfinite(out))
+        np.testing.assert_allclose(
+            out,
+            keras.ops.convert_to_numpy(eager),
+            atol=mixed_precision_atol,
+        )
+        for w in mixed.weights:
+            if w.path.split("/")[-1] in ("ranges", "ts"):
+                assert w.dtype == "float32", f"{w.path} is {w.dtype}"
