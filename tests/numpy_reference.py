@@ -47,3 +47,34 @@ def softmax(z, axis=-1, mask=None):
 def multimax(x, ranges, ts, axis=-1, mask=None):
     """softmax(σ(x)) over `axis`, masking after the modulation."""
     return softmax(seglu(x, ranges, ts), axis=axis, mask=mask)
+
+
+def parameter_gradient_terms(x, ranges, ts, upstream, axis=-1):
+    """Per-entry contributions to the MultiMax gradients of `ranges` and `ts`.
+
+    Returns two arrays of shape x.shape + (2K,) whose sums over the entries are
+    the gradients of sum(multimax(x) * upstream). Their absolute sums bound the
+    rounding error of a float32 computation (the gradients are sums of terms
+    of both signs that can cancel).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    ranges = np.asarray(ranges, dtype=np.float64)
+    ts = np.asarray(ts, dtype=np.float64)
+    y = multimax(x, ranges, ts, axis=axis)
+    upstream = np.asarray(upstream, dtype=np.float64)
+    gs = y * (upstream - np.sum(upstream * y, axis=axis, keepdims=True))
+    d_ranges, d_ts = [], []
+    for k in range(ts.shape[-1] // 2):
+        lower = np.maximum(ranges[..., 2 * k] - x, 0.0)
+        upper = np.maximum(x - ranges[..., 2 * k + 1], 0.0)
+        lower_k = (lower > 0).astype(np.float64) if k == 0 else lower**k
+        upper_k = (upper > 0).astype(np.float64) if k == 0 else upper**k
+        d_ranges += [
+            (k + 1) * ts[..., 2 * k] * lower_k,
+            -(k + 1) * ts[..., 2 * k + 1] * upper_k,
+        ]
+        d_ts += [lower ** (k + 1), upper ** (k + 1)]
+    return (
+        np.stack([gs * d for d in d_ranges], axis=-1),
+        np.stack([gs * d for d in d_ts], axis=-1),
+    )
