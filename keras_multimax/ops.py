@@ -327,9 +327,9 @@ def multimax(
     >>> np.round(multimax(x, zeros, zeros).numpy(), 4)  # ts = 0: SoftMax
     array([[0.2119, 0.5761, 0.2119]], dtype=float32)
     >>> ranges = np.array([1.5, 1.5, 1.5, 1.5], dtype="float32")
-    >>> ts = np.array([1.0, 1.0, 0.0, 0.0], dtype="float32")
+    >>> ts = np.array([-1.0, 1.0, 0.0, 0.0], dtype="float32")  # sparser
     >>> np.round(multimax(x, ranges, ts, mask=[[True, True, False]]).numpy(), 4)
-    array([[0.0474, 0.9526, 0.    ]], dtype=float32)
+    array([[0.1192, 0.8808, 0.    ]], dtype=float32)
 
     Args:
         x: Floating-point tensor of scores (logits).
