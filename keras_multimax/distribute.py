@@ -1,0 +1,133 @@
+"""Picking a `tf.distribute.Strategy` for MultiMax models: TPU > GPUs > CPU."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import tensorflow as tf
+
+__all__ = ["choose_strategy", "tpu_reachable"]
+
+_PREFERENCES = ("auto", "tpu", "multi_worker", "gpus", "cpu")
+
+
+def _tf_config_workers() -> int:
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"`TF_CONFIG` is not valid JSON. Received: TF_CONFIG={os.environ['TF_CONFIG']!r}"
+        ) from e
+    cluster = config.get("cluster", {})
+    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def tpu_reachable(tpu: str | None = None) -> tuple[bool, str]:
+    """Whether a TPU can be used, without probing the network blindly.
+
+    A TPU counts as reachable when TensorFlow already lists TPU devices, when
+    `tpu` (a name or ``grpc://`` address) is given, when ``TPU_NAME`` or
+    ``COLAB_TPU_ADDR`` is set, or when a TPU VM's local devices
+    (``/dev/accel*``, ``/dev/vfio/<n>``) exist. Cloud metadata servers are
+    never contacted otherwise, so this is fast and offline-safe.
+
+    Example:
+
+    >>> ok, reason = tpu_reachable()
+    >>> isinstance(ok, bool) and isinstance(reason, str)
+    True
+
+    Args:
+        tpu: Optional TPU name or address for `TPUClusterResolver`.
+
+    Returns:
+        ``(reachable, reason)``; ``reason`` says what was found or missing.
+    """
+    if tf.config.list_logical_devices("TPU"):
+        return True, "TensorFlow already lists TPU devices"
+    if tpu:
+        return True, f"TPU given explicitly: {tpu!r}"
+    for var in ("TPU_NAME", "COLAB_TPU_ADDR"):
+        if os.environ.get(var):
+            return True, f"{var}={os.environ[var]!r} is set"
+    local = glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*")
+    if local:
+        return True, f"local TPU devices found: {', '.join(sorted(local))}"
+    return False, (
+        "no TPU: TensorFlow lists no TPU device, TPU_NAME and COLAB_TPU_ADDR "
+        "are unset and there is no /dev/accel* or /dev/vfio/<n> device"
+    )
+
+
+def _connect_tpu(tpu: str | None) -> tf.distribute.Strategy:
+    if tpu is None and glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*"):
+        if not (os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR")):
+            tpu = "local"
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    if tpu != "local":
+        tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def choose_strategy(
+    preference: str = "auto", tpu: str | None = None
+) -> tf.distribute.Strategy:
+    """Returns the distribution strategy for the hardware at hand.
+
+    With ``preference="auto"`` the order is: a reachable TPU
+    (`tf.distribute.TPUStrategy`), a ``TF_CONFIG`` naming several workers
+    (`tf.distribute.MultiWorkerMirroredStrategy`), several GPUs
+    (`tf.distribute.MirroredStrategy`), one GPU (`tf.distribute.OneDeviceStrategy`),
+    else the default strategy (CPU). ``"cpu"`` pins the CPU even when GPUs
+    are visible. Build and compile the model inside
+    ``strategy.scope()``.
+
+    Example:
+
+    >>> strategy = choose_strategy("cpu")
+    >>> strategy.num_replicas_in_sync
+    1
+
+    Args:
+        preference: One of ``"auto"``, ``"tpu"``, ``"multi_worker"``,
+            ``"gpus"`` (all visible GPUs, mirrored) or ``"cpu"``. A preference
+            the machine cannot satisfy raises `RuntimeError`.
+        tpu: Optional TPU name or ``grpc://`` address (a pod slice's name
+            for TPU pods); default: ``TPU_NAME`` or the local TPU VM.
+
+    Returns:
+        A `tf.distribute.Strategy`.
+    """
+    if preference not in _PREFERENCES:
+        raise ValueError(
+            f"`preference` must be one of {_PREFERENCES}. "
+            f"Received: preference={preference!r}"
+        )
+    if preference in ("auto", "tpu"):
+        reachable, reason = tpu_reachable(tpu)
+        if reachable:
+            return _connect_tpu(tpu)
+        if preference == "tpu":
+            raise RuntimeError(f"`preference='tpu'` but {reason}.")
+    if preference in ("auto", "multi_worker"):
+        if _tf_config_workers() > 1:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        if preference == "multi_worker":
+            raise RuntimeError(
+                "`preference='multi_worker'` needs a TF_CONFIG environment "
+                "variable naming at least two workers."
+            )
+    gpus = tf.config.list_logical_devices("GPU")
+    if preference in ("auto", "gpus"):
+        if len(gpus) > 1:
+            return tf.distribute.MirroredStrategy([d.name for d in gpus])
+        if len(gpus) == 1:
+            return tf.distribute.OneDeviceStrategy(gpus[0].name)
+        if preference == "gpus":
+            raise RuntimeError("`preference='gpus'` but no GPU is visible.")
+    if preference == "cpu":
+        return tf.distribute.OneDeviceStrategy("/cpu:0")
+    return tf.distribute.get_strategy()

@@ -1,0 +1,1 @@
+"""Helper scripts the distributed tests run in subprocesses (not tests themselves)."""
