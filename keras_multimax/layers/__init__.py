@@ -1,6 +1,7 @@
 """Keras layers of keras_multimax."""
 
 from keras_multimax.layers.multimax import MultiMax
+from keras_multimax.layers.multimax_attention import MultiMaxAttention
 from keras_multimax.layers.seglu import SegLU
 
-__all__ = ["MultiMax", "SegLU"]
+__all__ = ["MultiMax", "MultiMaxAttention", "SegLU"]

@@ -1,0 +1,284 @@
+"""The `MultiMaxAttention` layer: `keras.layers.MultiHeadAttention` with MultiMax."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from keras_multimax import ops
+from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
+from keras_multimax.layers._modulator import ModulatorParameters
+
+
+def validate_per_head(per_head: Any) -> bool:
+    if not isinstance(per_head, bool):
+        raise TypeError(
+            f"`per_head` must be a boolean. Received: per_head={per_head!r}"
+        )
+    return per_head
+
+
+def reject_flash_attention(flash_attention: Any, layer: str) -> None:
+    if flash_attention:
+        raise ValueError(
+            f"`{layer}` cannot use flash attention: fused flash kernels "
+            "compute SoftMax, not MultiMax, and would silently drop the "
+            "modulator. Leave `flash_attention=None` (or False). "
+            f"Received: flash_attention={flash_attention!r}"
+        )
+
+
+def expand_mask(mask, scores_rank: int, num_attention_axes: int):
+    """Inserts the head (and missing batch) axes into a Keras attention mask.
+
+    Keras attention masks have shape ``(B, <query dims>, <key dims>)`` (or
+    fewer leading dimensions); the scores have the heads just before the
+    query dimensions. Same expansion as `MultiHeadAttention._masked_softmax`.
+    """
+    if mask is None:
+        return None
+    mask = keras.ops.cast(mask, "bool")
+    axis = -2 * num_attention_axes - 1
+    for _ in range(scores_rank - len(mask.shape)):
+        mask = keras.ops.expand_dims(mask, axis=axis)
+    return mask
+
+
+@keras.saving.register_keras_serializable(package="keras_multimax")
+class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
+    r"""Multi-head attention whose attention weights are MultiMax, not SoftMax.
+
+    A drop-in `keras.layers.MultiHeadAttention`: same arguments, same weights
+    (plus ``ranges`` and ``ts``), same call signature. Every call path (with or
+    without dropout, returned scores, masks, causal masks, several attention
+    axes, gating, LoRA on the projections, a sliding window) normalises the
+    scores with `keras_multimax.ops.multimax`; the fused SoftMax kernel of the
+    parent is never used.
+
+    Formula:
+
+    $$
+    \mathrm{Attention}(Q, K, V) = \mathrm{MultiMax}\!\left(
+        \frac{Q K^\top}{\sqrt{d_k}}\right) V,
+    \qquad \mathrm{MultiMax}(s) = \mathrm{softmax}(\sigma(s))
+    $$
+
+    with the piece-wise modulator
+    $\sigma(s) = s + \sum_k t_{2k}\,\mathrm{relu}(r_{2k} - s)^{k+1}
+    + t_{2k+1}\,\mathrm{relu}(s - r_{2k+1})^{k+1}$, ``r`` the weight
+    ``ranges`` and ``t`` the weight ``ts``. Masked keys are removed *after* the
+    modulation: they get exactly zero weight whatever the sign of ``ts``, and a
+    query with no visible key attends to nothing (its weights are all zero;
+    SoftMax attention would spread them uniformly). With ``ts = 0`` the layer
+    computes exactly `keras.layers.MultiHeadAttention`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = MultiMaxAttention(num_heads=2, key_dim=4)
+    >>> x = np.random.default_rng(0).normal(size=(1, 3, 8)).astype("float32")
+    >>> out, scores = layer(x, x, return_attention_scores=True)
+    >>> out.shape, scores.shape
+    (TensorShape([1, 3, 8]), TensorShape([1, 2, 3, 3]))
+    >>> layer.ranges.path, tuple(layer.ts.shape)
+    ('multi_max_attention/ranges', (4,))
+
+    Args:
+        num_heads: Number of attention heads.
+        key_dim: Size of each attention head for query and key.
+        value_dim: Size of each attention head for value.
+        dropout: Dropout probability, applied to the MultiMax weights.
+        use_bias: Boolean, whether the projections use biases.
+        output_shape: The shape of the output besides the batch and sequence
+            dimensions; defaults to the query's last dimension.
+        attention_axes: Axes over which attention (and MultiMax) is applied.
+            ``None`` means all axes but batch, heads and features. With
+            several axes MultiMax normalises over all of them jointly.
+        order: Integer >= 1, the order K of the modulator (the paper uses 2).
+        per_head: Boolean. If True, each head has its own modulator:
+            ``ranges``/``ts`` have shape ``(num_heads, 2 * order)`` instead of
+            ``(2 * order,)``.
+        ranges_initializer: Initializer of ``ranges`` (thresholds ``b``,
+            ``d``). Defaults to a truncated normal with standard deviation
+            0.02, as the official code.
+        ts_initializer: Initializer of ``ts`` (slopes ``t_b``, ``t_d``).
+            Defaults as ``ranges``; ``"zeros"`` starts as SoftMax attention.
+        ranges_regularizer: Optional regularizer of ``ranges``.
+        ts_regularizer: Optional regularizer of ``ts``.
+        ranges_constraint: Optional constraint of ``ranges``.
+        ts_constraint: Optional constraint of ``ts``.
+        flash_attention: Must be ``None`` or ``False``: flash kernels compute
+            SoftMax, so ``True`` raises a ``ValueError``.
+        **kwargs: Every other `keras.layers.MultiHeadAttention` argument
+            (``sliding_window``, ``use_gate``, ``kernel_initializer``,
+            ``bias_initializer``, regularizers, constraints, ``seed``) and the
+            base layer arguments (``name``, ``dtype``).
+
+    Call arguments:
+        query: Query tensor of shape ``(B, T, dim)``.
+        value: Value tensor of shape ``(B, S, dim)``.
+        key: Optional key tensor of shape ``(B, S, dim)``; defaults to
+            ``value``.
+        attention_mask: Optional boolean mask of shape ``(B, T, S)`` (True
+            lets a query attend to a key); broadcasts over missing batch and
+            head dimensions.
+        return_attention_scores: If True, also return the MultiMax attention
+            weights (before dropout).
+        training: Python boolean, whether dropout is active.
+        use_causal_mask: If True, each position attends only to itself and
+            earlier positions. Combines with every other mask.
+
+    Returns:
+        attention_output: Tensor of shape ``(B, T, E)``, ``E`` the query's last
+            dimension unless ``output_shape`` is given.
+        attention_scores: (If ``return_attention_scores``) MultiMax weights of
+            shape ``(B, num_heads, T, S)`` (more axes with several
+            ``attention_axes``).
+
+    Reference:
+        Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
+        Learning", ICML 2024.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int | None = None,
+        dropout: float = 0.0,
+        use_bias: bool = True,
+        output_shape: Any = None,
+        attention_axes: Any = None,
+        *,
+        order: int = 2,
+        per_head: bool = False,
+        ranges_initializer: Any = DEFAULT_INITIALIZER,
+        ts_initializer: Any = DEFAULT_INITIALIZER,
+        ranges_regularizer: Any = None,
+        ts_regularizer: Any = None,
+        ranges_constraint: Any = None,
+        ts_constraint: Any = None,
+        flash_attention: bool | None = None,
+        **kwargs,
+    ):
+        reject_flash_attention(flash_attention, type(self).__name__)
+        super().__init__(
+            num_heads=num_heads,
+            key_dim=key_dim,
+            value_dim=value_dim,
+            dropout=dropout,
+            use_bias=use_bias,
+            output_shape=output_shape,
+            attention_axes=attention_axes,
+            flash_attention=None,
+            **kwargs,
+        )
+        # The parent may read a global "flash attention enabled" flag; this
+        # layer never calls a fused kernel.
+        self._flash_attention = False
+        self.per_head = validate_per_head(per_head)
+        self._init_modulator(
+            order,
+            ranges_initializer,
+            ts_initializer,
+            ranges_regularizer,
+            ts_regularizer,
+            ranges_constraint,
+            ts_constraint,
+        )
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        self._build_modulator((self._num_heads,) if self.per_head else ())
+
+    def _modulator_parameters(self):
+        """`ranges`, `ts` shaped to broadcast against the attention scores."""
+        if not self.per_head:
+            return self.ranges, self.ts
+        # Scores are (<batch dims>, heads, <query axes>, <key axes>).
+        shape = (
+            (self._num_heads,)
+            + (1,) * (2 * len(self._attention_axes))
+            + (2 * self.order,)
+        )
+        return keras.ops.reshape(self.ranges, shape), keras.ops.reshape(self.ts, shape)
+
+    def _masked_softmax(self, attention_scores, attention_mask=None):
+        """MultiMax over the attention axes, masking after the modulation."""
+        mask = expand_mask(
+            attention_mask, len(attention_scores.shape), len(self._attention_axes)
+        )
+        axes = tuple(range(-len(self._attention_axes), 0))
+        ranges, ts = self._modulator_parameters()
+        return ops.multimax(attention_scores, ranges, ts, axis=axes, mask=mask)
+
+    def _compute_attention(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        training=None,
+        return_attention_scores=False,
+        use_causal_mask=False,
+    ):
+        """Scaled dot-product attention normalised by MultiMax, on every path."""
+        if use_causal_mask:
+            causal_mask = self._compute_causal_mask(query, value)
+            attention_mask = (
+                causal_mask
+                if attention_mask is None
+                else keras.ops.logical_and(
+                    keras.ops.cast(attention_mask, "bool"), causal_mask
+                )
+            )
+        query = keras.ops.multiply(
+            query, keras.ops.cast(self._inverse_sqrt_key_dim, query.dtype)
+        )
+        scores = keras.ops.einsum(self._dot_product_equation, key, query)
+        scores = self._masked_softmax(scores, attention_mask)
+        if self._dropout > 0.0:
+            dropped = self._dropout_layer(scores, training=training)
+        else:
+            dropped = scores
+        output = keras.ops.einsum(self._combine_equation, dropped, value)
+        return output, scores
+
+    def compute_output_spec(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        output_spec = super().compute_output_spec(query, value, key)
+        if not return_attention_scores:
+            return output_spec
+        # The parent reports (B, heads, T, T); the scores are really
+        # (<batch dims>, heads, <query attention dims>, <key attention dims>).
+        key = value if key is None else key
+        rank = len(query.shape) + 1  # rank of the projected query
+        axes = self._attention_axes
+        if axes is None:
+            axes = tuple(range(1, rank - 2))
+        else:
+            axes = tuple(a if a >= 0 else (rank - 1) + a for a in axes)
+        shape = (
+            tuple(query.shape[i] for i in range(rank - 2) if i not in axes)
+            + (self._num_heads,)
+            + tuple(query.shape[a] for a in axes)
+            + tuple(key.shape[a] for a in axes)
+        )
+        return output_spec, keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"per_head": self.per_head, **self._modulator_config()})
+        return config
