@@ -1,0 +1,71 @@
+"""`.keras` files load in a fresh process that only imported keras_multimax."""
+
+import json
+
+import numpy as np
+import pytest
+from export_models import MODELS
+from export_models import build_model
+from export_models import keras_outputs
+from export_models import run_fresh_python
+from export_models import sample_inputs
+
+CHILD = """
+import json, sys
+import numpy as np
+import keras
+import keras_multimax  # the only project import: it registers the layers
+
+assert "tests" not in sys.modules
+names = json.load(open("names.json"))
+for name in names:
+    model = keras.saving.load_model(f"{name}.keras")
+    data = np.load(f"{name}.npz")
+    inputs = [data[f"input_{i}"] for i in range(len(model.inputs))]
+    got = keras.ops.convert_to_numpy(
+        model(inputs if len(inputs) > 1 else inputs[0], training=False)
+    )
+    np.testing.assert_array_equal(got, data["expected"], err_msg=name)
+    for w in model.weights:
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(w), data["w:" + w.path], err_msg=w.path
+        )
+    kinds = sorted(
+        type(l).__name__ for l in model.layers
+        if type(l).__module__.startswith("keras_multimax.")
+    )
+    # Variable batch and sequence length after loading.
+    more = [np.concatenate([a, a], axis=0)[:, :3] for a in inputs]
+    out = model(more if len(more) > 1 else more[0], training=False)
+    print(name, ",".join(kinds), tuple(out.shape))
+"""
+
+
+@pytest.mark.slow
+def test_keras_file_loads_in_fresh_process(tmp_path):
+    expected_kinds = {}
+    for name in MODELS:
+        model = build_model(name)
+        inputs = sample_inputs(name)
+        model.save(tmp_path / f"{name}.keras")
+        arrays = {f"input_{i}": a for i, a in enumerate(inputs)}
+        arrays["expected"] = keras_outputs(model, inputs)
+        arrays.update({"w:" + w.path: w.numpy() for w in model.weights})
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        expected_kinds[name] = ",".join(
+            sorted(
+                type(layer).__name__
+                for layer in model.layers
+                if type(layer).__module__.startswith("keras_multimax.")
+            )
+        )
+    (tmp_path / "names.json").write_text(json.dumps(list(MODELS)))
+
+    stdout = run_fresh_python(CHILD, cwd=str(tmp_path))
+
+    lines = dict(line.split(" ", 1) for line in stdout.strip().splitlines())
+    assert set(lines) == set(MODELS)
+    for name, rest in lines.items():
+        kinds, shape = rest.split(" ", 1)
+        assert kinds == expected_kinds[name]  # reloaded as keras_multimax layers
+        assert shape.startswith("(6, 3")
