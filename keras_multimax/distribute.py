@@ -72,6 +72,33 @@ def _connect_tpu(tpu: str | None) -> tf.distribute.Strategy:
     return tf.distribute.TPUStrategy(resolver)
 
 
+def _reduce_nests(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:
+    """Makes Keras 3's `fit` work under `MultiWorkerMirroredStrategy`.
+
+    Keras 3 (up to at least 3.15) calls ``strategy.reduce`` in two ways that
+    `MultiWorkerMirroredStrategy` rejects (keras-team/keras#20585): with a
+    nested ``(x, y)`` batch before training, and with ``axis=0`` on the
+    scalar per-replica loss and metric values of every step. This wraps the
+    instance's ``reduce`` to reduce leaf by leaf and to reduce scalars across
+    replicas only (there is no axis 0 to reduce). Any other call is passed
+    through unchanged.
+    """
+    reduce = strategy.reduce
+
+    def reduce_leaf(reduce_op, value, axis):
+        if axis is not None:
+            local = strategy.experimental_local_results(value)[0]
+            if getattr(local, "shape", None) is not None and local.shape.rank == 0:
+                axis = None
+        return reduce(reduce_op, value, axis)
+
+    def reduce_nested(reduce_op, value, axis=None):
+        return tf.nest.map_structure(lambda v: reduce_leaf(reduce_op, v, axis), value)
+
+    strategy.reduce = reduce_nested
+    return strategy
+
+
 def choose_strategy(
     preference: str = "auto", tpu: str | None = None
 ) -> tf.distribute.Strategy:
@@ -114,7 +141,7 @@ def choose_strategy(
             raise RuntimeError(f"`preference='tpu'` but {reason}.")
     if preference in ("auto", "multi_worker"):
         if _tf_config_workers() > 1:
-            return tf.distribute.MultiWorkerMirroredStrategy()
+            return _reduce_nests(tf.distribute.MultiWorkerMirroredStrategy())
         if preference == "multi_worker":
             raise RuntimeError(
                 "`preference='multi_worker'` needs a TF_CONFIG environment "

@@ -1,0 +1,106 @@
+"""MultiWorkerMirroredStrategy: two worker processes on 127.0.0.1 with `fit`.
+
+Each worker (tests/distributed_workers/multiworker_worker.py) gets its own
+``TF_CONFIG`` naming both workers on free loopback ports. Both are killed
+in a ``finally`` whatever happens, and the whole job has a time limit.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from distributed_workers import common
+
+ATOL = 1e-5  # float32 round-off of a different all-reduce order
+RTOL = 1e-4
+TIMEOUT = 240  # seconds for the whole 2-worker job
+
+
+def _run_workers(tmp_path, input_npz, epochs):
+    ports = [common.free_port(), common.free_port()]
+    while ports[1] == ports[0]:
+        ports[1] = common.free_port()
+    script = os.path.join(common.WORKERS_DIR, "multiworker_worker.py")
+    procs, logs = [], []
+    try:
+        for index in range(2):
+            log = open(tmp_path / f"worker{index}.log", "w+")
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        script,
+                        str(index),
+                        ",".join(map(str, ports)),
+                        str(input_npz),
+                        str(tmp_path),
+                        str(epochs),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=common.worker_env(),
+                    cwd=common.WORKERS_DIR,
+                )
+            )
+        deadline = time.monotonic() + TIMEOUT
+        for proc in procs:
+            remaining = deadline - time.monotonic()
+            try:
+                proc.wait(timeout=max(remaining, 1))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"multi-worker job exceeded {TIMEOUT} s")
+        for index, proc in enumerate(procs):
+            logs[index].seek(0)
+            text = logs[index].read()
+            assert proc.returncode == 0, f"worker {index} failed:\n{text[-3000:]}"
+            print(f"worker {index} on 127.0.0.1:{ports[index]}: exit 0")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+
+
+@pytest.mark.slow
+def test_two_workers_fit_equals_single_process(tmp_path):
+    epochs = 3
+    x, y = common.make_data(seed=2)
+    model = common.build_model()
+    init = model.get_weights()
+    input_npz = tmp_path / "input.npz"
+    np.savez(input_npz, x=x, y=y, **{f"w{i}": w for i, w in enumerate(init)})
+
+    _run_workers(tmp_path, input_npz, epochs)
+
+    # The single-process reference: same initial weights, same global batches.
+    common.compile_sgd(model)
+    history = model.fit(
+        x, y, batch_size=common.GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0
+    )
+    reference = common.weights_by_path(model)
+    initial = {v.path: w for v, w in zip(model.weights, init)}
+    workers = [np.load(tmp_path / f"worker{i}.npz") for i in range(2)]
+    metas = [common.read_json(tmp_path / f"worker{i}.json") for i in range(2)]
+    for meta in metas:
+        assert meta["num_replicas"] == 2
+        assert "MirroredVariable" in meta["variable_type"]
+        np.testing.assert_allclose(meta["loss"], history.history["loss"], rtol=1e-5)
+
+    assert set(workers[0].files) == set(reference)
+    assert {"pool_multimax/ranges", "pool_multimax/ts"} <= set(reference)
+    assert {"head_seglu/ranges", "head_seglu/ts"} <= set(reference)
+    for path, expected in reference.items():
+        assert np.max(np.abs(expected - initial[path])) > 10 * ATOL, path
+        # All-reduce hands both workers the same update: bitwise identical.
+        np.testing.assert_array_equal(workers[0][path], workers[1][path], path)
+        np.testing.assert_allclose(
+            workers[0][path], expected, atol=ATOL, rtol=RTOL, err_msg=path
+        )
+    keras.backend.clear_session()
