@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import numpy_reference as ref
 import pytest
+import tensorflow as tf
 from layer_test_case import run_layer_test
 
 from keras_multimax import layers
@@ -205,3 +206,339 @@ def test_masked_keys_get_exactly_zero_weight_for_both_signs_of_ts():
 def test_flash_attention_true_is_rejected():
     with pytest.raises(ValueError, match="flash_attention=True"):
         layers.MultiMaxAttention(num_heads=2, key_dim=4, flash_attention=True)
+
+
+@pytest.mark.parametrize("use_causal_mask", [False, True])
+def test_keras_masks_on_query_and_value(use_causal_mask):
+    tokens_q = np.array([[1, 2, 3, 0, 0], [3, 3, 1, 1, 2]])
+    tokens_v = np.array([[5, 4, 0, 0, 0], [3, 1, 2, 2, 0]])
+    query = keras.layers.Embedding(4, 8, mask_zero=True)(tokens_q)
+    value = keras.layers.Embedding(6, 8, mask_zero=True)(tokens_v)
+    layer = _built(query=_np(query), value=_np(value))
+    out = layer(query, value, use_causal_mask=use_causal_mask)
+    # The query's mask is propagated to the output, as in MultiHeadAttention.
+    np.testing.assert_array_equal(_np(out._keras_mask), tokens_q > 0)
+    mask = (tokens_q > 0)[:, :, None] & (tokens_v > 0)[:, None, :]
+    expected, _ = numpy_attention(
+        layer, _np(query), _np(value), mask=mask, causal=use_causal_mask
+    )
+    np.testing.assert_allclose(_np(out), expected, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, attention_axes, per_head",
+    [
+        ((2, 3, 4, 8), (1, 2), False),
+        ((2, 3, 4, 8), (1, 2), True),
+        ((2, 3, 4, 8), (-2,), True),
+        ((2, 2, 3, 2, 8), (2, 3), False),
+    ],
+    ids=["2axes", "2axes_per_head", "axis_minus2_per_head", "5d_2axes"],
+)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_multi_axis_attention_equals_numpy(shape, attention_axes, per_head, with_mask):
+    x = RNG.normal(size=shape).astype("float32")
+    layer = _built(
+        query=x,
+        value=x,
+        attention_axes=attention_axes,
+        per_head=per_head,
+        ranges=RANGES,
+        ts=TS * np.array([[1.0], [-0.5]]) if per_head else TS,
+    )
+    kwargs, np_kwargs = {}, {}
+    if with_mask:
+        # Mask in the layer's layout: (B, <batch dims>, <query axes>, <key axes>).
+        axes = tuple(a % len(shape) for a in attention_axes)  # projected rank - 1
+        batch = [shape[i] for i in range(len(shape) - 1) if i not in axes]
+        attn = [shape[a] for a in axes]
+        mask = RNG.random(size=batch + attn + attn) > 0.3
+        mask[..., 0] = True  # every query sees at least its first key
+        kwargs["attention_mask"] = mask
+        t = int(np.prod(attn))
+        np_kwargs["mask"] = mask.reshape(tuple(batch) + (t, t))
+    out, scores = layer(x, x, return_attention_scores=True, **kwargs)
+    expected, expected_scores = numpy_attention(layer, x, x, **np_kwargs)
+    np.testing.assert_allclose(_np(scores), expected_scores, atol=2e-6)
+    np.testing.assert_allclose(_np(out), expected, rtol=1e-5, atol=2e-6)
+    fused = layer(x, x, **kwargs)  # no scores, dropout 0
+    np.testing.assert_allclose(_np(fused), expected, rtol=1e-5, atol=2e-6)
+    twin = _softmax_twin(layer, x, x)
+    assert np.max(np.abs(_np(fused) - _np(twin(x, x, **kwargs)))) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["use_gate", "sliding_window", "sliding_window_causal", "output_shape", "lora"],
+)
+def test_parent_features_equal_numpy(variant):
+    kwargs, call_kwargs, np_kwargs = {}, {}, {}
+    if variant == "use_gate":
+        kwargs["use_gate"] = True
+    if variant.startswith("sliding_window"):
+        kwargs["sliding_window"] = 2
+    if variant == "sliding_window_causal":
+        call_kwargs["use_causal_mask"] = np_kwargs["causal"] = True
+    if variant == "output_shape":
+        kwargs["output_shape"] = (3, 2)
+    layer = _built(**kwargs)
+    if variant == "lora":
+        for dense in (layer.query_dense, layer.key_dense, layer.value_dense):
+            dense.enable_lora(2)
+            dense.lora_kernel_b.assign(RNG.normal(size=dense.lora_kernel_b.shape))
+    for return_scores in (False, True):
+        result = layer(X, X, return_attention_scores=return_scores, **call_kwargs)
+        out = result[0] if return_scores else result
+        # For LoRA, `dense.kernel` is the effective kernel W + (alpha/r) A B.
+        expected, expected_scores = numpy_attention(layer, X, X, **np_kwargs)
+        np.testing.assert_allclose(_np(out), expected, rtol=1e-5, atol=2e-6)
+        if return_scores:
+            np.testing.assert_allclose(_np(result[1]), expected_scores, atol=2e-6)
+    if variant == "lora":
+        assert len(layer.non_trainable_weights) == 3  # frozen base kernels
+        assert {"ranges", "ts"} <= {w.name for w in layer.trainable_weights}
+
+
+def test_per_head_parameters_equal_numpy():
+    ranges = RNG.normal(scale=0.3, size=(3, 4)).astype("float32")
+    ts = RNG.normal(scale=0.7, size=(3, 4)).astype("float32")
+    layer = _built(num_heads=3, per_head=True, ranges=ranges, ts=ts)
+    assert tuple(layer.ranges.shape) == (3, 4) and tuple(layer.ts.shape) == (3, 4)
+    out, scores = layer(X, X, use_causal_mask=True, return_attention_scores=True)
+    expected, expected_scores = numpy_attention(layer, X, X, causal=True)
+    np.testing.assert_allclose(_np(scores), expected_scores, atol=2e-6)
+    np.testing.assert_allclose(_np(out), expected, rtol=1e-5, atol=2e-6)
+    # Each head really uses its own row: a shared modulator gives other scores.
+    shared = _built(num_heads=3, ranges=ranges[0], ts=ts[0])
+    for name in ("_query_dense", "_key_dense", "_value_dense", "_output_dense"):
+        getattr(shared, name).set_weights(getattr(layer, name).get_weights())
+    _, shared_scores = shared(X, X, use_causal_mask=True, return_attention_scores=True)
+    np.testing.assert_allclose(
+        _np(shared_scores)[:, 0], expected_scores[:, 0], atol=2e-6
+    )
+    assert np.max(np.abs(_np(shared_scores)[:, 1:] - expected_scores[:, 1:])) > 1e-3
+
+
+class _FixedDropout(keras.layers.Layer):
+    """Stands in for the layer's Dropout with a known keep mask."""
+
+    def __init__(self, keep, rate):
+        super().__init__()
+        self.keep, self.rate = keep, rate
+
+    def call(self, x, training=None):
+        if not training:
+            return x
+        return x * keras.ops.cast(self.keep, x.dtype) / (1.0 - self.rate)
+
+
+@pytest.mark.parametrize("return_scores", [False, True])
+def test_dropout_paths(return_scores):
+    layer = _built(dropout=0.4, seed=3)
+
+    def call(training):
+        result = layer(
+            X,
+            X,
+            attention_mask=CAUSAL,
+            training=training,
+            return_attention_scores=return_scores,
+        )
+        return result if return_scores else (result, None)
+
+    expected, expected_scores = numpy_attention(layer, X, X, mask=CAUSAL)
+    out, scores = call(training=False)
+    np.testing.assert_allclose(_np(out), expected, rtol=1e-5, atol=2e-6)
+    # Real dropout is active in training and acts on MultiMax weights; the
+    # returned scores are the weights before dropout.
+    out, scores = call(training=True)
+    assert np.max(np.abs(_np(out) - expected)) > 1e-3
+    if return_scores:
+        np.testing.assert_allclose(_np(scores), expected_scores, atol=2e-6)
+    # With a known keep mask the training output is the NumPy one.
+    keep = RNG.random(size=(2, 2, 5, 5)) > 0.4
+    # Bypass Keras' state tracking: the test swaps a built layer's sublayer.
+    object.__setattr__(layer, "_dropout_layer", _FixedDropout(keep, 0.4))
+    out, _ = call(training=True)
+    expected, _ = numpy_attention(layer, X, X, mask=CAUSAL, dropout_mask=keep / 0.6)
+    np.testing.assert_allclose(_np(out), expected, rtol=1e-5, atol=2e-6)
+
+
+def _plain_tf_attention(layer, query, value, mask):
+    """The same attention with plain TF ops and TF autodiff (no custom gradient)."""
+    q = tf.einsum("btd,dnh->btnh", query, layer.query_dense.kernel)
+    k = tf.einsum("bsd,dnh->bsnh", value, layer.key_dense.kernel)
+    v = tf.einsum("bsd,dnh->bsnh", value, layer.value_dense.kernel)
+    q = q + layer.query_dense.bias
+    k = k + layer.key_dense.bias
+    v = v + layer.value_dense.bias
+    s = tf.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(layer.key_dim)
+    r = tf.reshape(tf.cast(layer.ranges, s.dtype), (-1, 1, 1, 4))
+    t = tf.reshape(tf.cast(layer.ts, s.dtype), (-1, 1, 1, 4))
+    z = s
+    for j in range(2):
+        z = z + t[..., 2 * j] * tf.nn.relu(r[..., 2 * j] - s) ** (j + 1)
+        z = z + t[..., 2 * j + 1] * tf.nn.relu(s - r[..., 2 * j + 1]) ** (j + 1)
+    z = tf.where(mask, z, -np.inf)
+    p = tf.nn.softmax(z, axis=-1)
+    o = tf.einsum("bnts,bsnh->btnh", p, v)
+    return tf.einsum("btnh,nhe->bte", o, layer.output_dense.kernel) + (
+        layer.output_dense.bias
+    )
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_gradients_match_autodiff_of_plain_formula(per_head):
+    # float64 throughout, so the comparison is not limited by rounding.
+    x = X.astype("float64")
+    layer = _built(query=x, value=x, per_head=per_head, ts=TS * 2, dtype="float64")
+    target = np.random.default_rng(5).normal(size=X.shape)
+    mask = np.broadcast_to(CAUSAL, (2, 1, 5, 5))
+
+    def grads(fn):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum((fn() - target) ** 2)
+        return tape.gradient(loss, layer.trainable_variables)
+
+    got = grads(lambda: layer(x, x, use_causal_mask=True))
+    want = grads(lambda: _plain_tf_attention(layer, x, x, mask))
+    for var, g, w in zip(layer.trainable_variables, got, want):
+        np.testing.assert_allclose(
+            _np(g), _np(w), rtol=1e-7, atol=1e-9, err_msg=var.path
+        )
+        if var.name in ("ranges", "ts"):
+            assert np.all(_np(g) != 0.0), f"zero gradient for {var.path}"
+
+
+def test_fit_updates_ranges_and_ts():
+    inputs = keras.Input((5, 8))
+    layer = layers.MultiMaxAttention(num_heads=2, key_dim=4, per_head=True)
+    model = keras.Model(inputs, layer(inputs, inputs, use_causal_mask=True))
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    before = [layer.ranges.numpy(), layer.ts.numpy()]
+    target = RNG.normal(size=X.shape).astype("float32")
+    history = model.fit(X, target, epochs=5, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    for old, var in zip(before, (layer.ranges, layer.ts)):
+        assert np.all(old != var.numpy()), var.path
+
+
+def test_tf_function_equals_eager():
+    layer = _built(value=Y)
+
+    @tf.function
+    def graph(q, v, mask):
+        return layer(q, v, attention_mask=mask, return_attention_scores=True)
+
+    eager = layer(X, Y, attention_mask=PAD, return_attention_scores=True)
+    for a, b in zip(graph(X, Y, PAD), eager):
+        np.testing.assert_allclose(_np(a), _np(b), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "q_shape, v_shape, attention_axes",
+    [((3, 8), (6, 8), None), ((3, 4, 8), (3, 4, 8), (1, 2)), ((2, 3, 8), (2, 5, 8), 2)],
+)
+def test_symbolic_scores_shape_matches_eager(q_shape, v_shape, attention_axes):
+    layer = layers.MultiMaxAttention(
+        num_heads=2, key_dim=4, attention_axes=attention_axes
+    )
+    q, v = keras.Input(q_shape), keras.Input(v_shape)
+    _, symbolic = layer(q, v, return_attention_scores=True)
+    _, eager = layer(
+        np.ones((2,) + q_shape, "float32"),
+        np.ones((2,) + v_shape, "float32"),
+        return_attention_scores=True,
+    )
+    assert tuple(symbolic.shape[1:]) == tuple(eager.shape[1:])
+
+
+def test_standard_checks_multi_axis_gate_per_head():
+    x = RNG.normal(size=(2, 3, 4, 8)).astype("float32")
+    run_layer_test(
+        layers.MultiMaxAttention,
+        {
+            "num_heads": 2,
+            "key_dim": 4,
+            "attention_axes": (1, 2),
+            "use_gate": True,
+            "per_head": True,
+        },
+        {"query": x, "value": x},
+        expected_output_shape=x.shape,
+        expected_num_trainable_weights=12,
+    )
+
+
+def test_lora_model_keras_round_trip(tmp_path):
+    inputs = keras.Input((5, 8))
+    layer = layers.MultiMaxAttention(num_heads=2, key_dim=4, use_gate=True)
+    model = keras.Model(inputs, layer(inputs, inputs))
+    layer.query_dense.enable_lora(2)
+    layer.value_dense.enable_lora(2)
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(X, X, epochs=1, verbose=0)
+    path = str(tmp_path / "lora.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        loaded.predict(X, verbose=0), model.predict(X, verbose=0), atol=1e-6
+    )
+
+
+def test_global_flash_attention_setting_is_ignored():
+    was = keras.config.is_flash_attention_enabled()
+    try:
+        for toggle in (
+            keras.config.enable_flash_attention,
+            keras.config.disable_flash_attention,
+        ):
+            toggle()
+            layer = _built(dropout=0.1)
+            expected, _ = numpy_attention(layer, X, X)
+            np.testing.assert_allclose(_np(layer(X, X)), expected, rtol=1e-5, atol=2e-6)
+    finally:
+        if was is False:
+            keras.config.disable_flash_attention()
+        else:
+            keras.config.enable_flash_attention()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"flash_attention": True}, ValueError, "flash_attention=True"),
+        ({"per_head": "yes"}, TypeError, "per_head='yes'"),
+        ({"order": 0}, ValueError, "order=0"),
+        ({"num_heads": 0}, ValueError, "num_heads=0"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        layers.MultiMaxAttention(**{"num_heads": 2, "key_dim": 4, **kwargs})
+
+
+def test_registered_and_config_round_trip():
+    assert (
+        keras.saving.get_registered_name(layers.MultiMaxAttention)
+        == "keras_multimax>MultiMaxAttention"
+    )
+    layer = layers.MultiMaxAttention(
+        num_heads=3,
+        key_dim=2,
+        order=3,
+        per_head=True,
+        ts_initializer="zeros",
+        ranges_regularizer="l1",
+        ts_constraint="non_neg",
+        sliding_window=4,
+        use_gate=True,
+    )
+    config = layer.get_config()
+    assert config["order"] == 3 and config["per_head"] is True
+    assert config["sliding_window"] == 4 and config["use_gate"] is True
+    clone = layers.MultiMaxAttention.from_config(config)
+    assert clone.get_config() == config
+    clone(X, X)
+    assert tuple(clone.ts.shape) == (3, 6)
+    assert np.all(clone.ts.numpy() == 0.0)

@@ -2,6 +2,9 @@
 
 from keras_multimax.layers.multimax import MultiMax
 from keras_multimax.layers.multimax_attention import MultiMaxAttention
+from keras_multimax.layers.multimax_group_query_attention import (
+    MultiMaxGroupQueryAttention,
+)
 from keras_multimax.layers.seglu import SegLU
 
-__all__ = ["MultiMax", "MultiMaxAttention", "SegLU"]
+__all__ = ["MultiMax", "MultiMaxAttention", "MultiMaxGroupQueryAttention", "SegLU"]

@@ -1,0 +1,214 @@
+"""The `MultiMaxGroupQueryAttention` layer: `keras.layers.GroupQueryAttention` with MultiMax."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from keras_multimax import ops
+from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
+from keras_multimax.layers._modulator import ModulatorParameters
+from keras_multimax.layers.multimax_attention import expand_mask
+from keras_multimax.layers.multimax_attention import reject_flash_attention
+from keras_multimax.layers.multimax_attention import validate_per_head
+
+
+@keras.saving.register_keras_serializable(package="keras_multimax")
+class MultiMaxGroupQueryAttention(
+    ModulatorParameters, keras.layers.GroupQueryAttention
+):
+    r"""Grouped-query attention whose attention weights are MultiMax, not SoftMax.
+
+    A drop-in `keras.layers.GroupQueryAttention` (Ainslie et al., 2023): same
+    arguments, same weights (plus ``ranges`` and ``ts``), same call signature.
+    Every call path (with or without dropout, returned scores, masks, causal
+    masks, gating, a sliding window) normalises the scores with
+    `keras_multimax.ops.multimax`; the fused SoftMax kernel of the parent is
+    never used.
+
+    Formula:
+
+    $$
+    \mathrm{Attention}(Q, K, V) = \mathrm{MultiMax}\!\left(
+        \frac{Q K^\top}{\sqrt{d_h}}\right) V,
+    \qquad \mathrm{MultiMax}(s) = \mathrm{softmax}(\sigma(s))
+    $$
+
+    where each group of ``num_query_heads / num_key_value_heads`` query heads
+    shares one key/value head, and σ is the piece-wise modulator with the
+    weights ``ranges`` (thresholds) and ``ts`` (slopes), see
+    `keras_multimax.layers.MultiMax`. Masked keys get exactly zero weight
+    whatever the sign of ``ts``; a query with no visible key attends to
+    nothing. With ``ts = 0`` the layer computes exactly
+    `keras.layers.GroupQueryAttention`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = MultiMaxGroupQueryAttention(
+    ...     head_dim=4, num_query_heads=4, num_key_value_heads=2, per_head=True)
+    >>> x = np.random.default_rng(0).normal(size=(1, 3, 8)).astype("float32")
+    >>> out, scores = layer(x, x, return_attention_scores=True)
+    >>> out.shape, scores.shape, tuple(layer.ts.shape)
+    (TensorShape([1, 3, 8]), TensorShape([1, 4, 3, 3]), (4, 4))
+
+    Args:
+        head_dim: Size of each attention head.
+        num_query_heads: Number of query heads.
+        num_key_value_heads: Number of key and value heads; must divide
+            ``num_query_heads``.
+        dropout: Dropout probability, applied to the MultiMax weights.
+        use_bias: Boolean, whether the projections use biases.
+        order: Integer >= 1, the order K of the modulator (the paper uses 2).
+        per_head: Boolean. If True, each query head has its own modulator:
+            ``ranges``/``ts`` have shape ``(num_query_heads, 2 * order)``
+            instead of ``(2 * order,)``.
+        ranges_initializer: Initializer of ``ranges``. Defaults to a truncated
+            normal with standard deviation 0.02, as the official code.
+        ts_initializer: Initializer of ``ts``. Defaults as ``ranges``;
+            ``"zeros"`` starts as SoftMax attention.
+        ranges_regularizer: Optional regularizer of ``ranges``.
+        ts_regularizer: Optional regularizer of ``ts``.
+        ranges_constraint: Optional constraint of ``ranges``.
+        ts_constraint: Optional constraint of ``ts``.
+        flash_attention: Must be ``None`` or ``False``: flash kernels compute
+            SoftMax, so ``True`` raises a ``ValueError``.
+        **kwargs: Every other `keras.layers.GroupQueryAttention` argument
+            (``sliding_window``, ``use_gate``, initializers, regularizers,
+            constraints, ``seed``) and the base layer arguments (``name``,
+            ``dtype``).
+
+    Call arguments:
+        query: Query tensor of shape ``(B, T, dim)``.
+        value: Value tensor of shape ``(B, S, dim)``.
+        key: Optional key tensor of shape ``(B, S, dim)``; defaults to
+            ``value``.
+        attention_mask: Optional boolean mask of shape ``(B, T, S)`` (True
+            lets a query attend to a key).
+        return_attention_scores: If True, also return the MultiMax attention
+            weights (before dropout).
+        training: Python boolean, whether dropout is active.
+        use_causal_mask: If True, each position attends only to itself and
+            earlier positions. Combines with every other mask.
+
+    Returns:
+        attention_output: Tensor of shape ``(B, T, dim)``.
+        attention_scores: (If ``return_attention_scores``) MultiMax weights of
+            shape ``(B, num_query_heads, T, S)``.
+
+    Reference:
+        Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
+        Learning", ICML 2024.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_query_heads: int,
+        num_key_value_heads: int,
+        dropout: float = 0.0,
+        use_bias: bool = True,
+        *,
+        order: int = 2,
+        per_head: bool = False,
+        ranges_initializer: Any = DEFAULT_INITIALIZER,
+        ts_initializer: Any = DEFAULT_INITIALIZER,
+        ranges_regularizer: Any = None,
+        ts_regularizer: Any = None,
+        ranges_constraint: Any = None,
+        ts_constraint: Any = None,
+        flash_attention: bool | None = None,
+        **kwargs,
+    ):
+        reject_flash_attention(flash_attention, type(self).__name__)
+        for name, value in (
+            ("head_dim", head_dim),
+            ("num_query_heads", num_query_heads),
+            ("num_key_value_heads", num_key_value_heads),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"`{name}` must be a positive integer. Received: {name}={value!r}"
+                )
+        if num_query_heads % num_key_value_heads:
+            raise ValueError(
+                "`num_query_heads` must be divisible by `num_key_value_heads`. "
+                f"Received: num_query_heads={num_query_heads}, "
+                f"num_key_value_heads={num_key_value_heads}"
+            )
+        super().__init__(
+            head_dim=head_dim,
+            num_query_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads,
+            dropout=dropout,
+            use_bias=use_bias,
+            flash_attention=None,
+            **kwargs,
+        )
+        # The parent may read a global "flash attention enabled" flag; this
+        # layer never calls a fused kernel.
+        self._flash_attention = False
+        self.per_head = validate_per_head(per_head)
+        self._init_modulator(
+            order,
+            ranges_initializer,
+            ts_initializer,
+            ranges_regularizer,
+            ts_regularizer,
+            ranges_constraint,
+            ts_constraint,
+        )
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        self._build_modulator((self.num_query_heads,) if self.per_head else ())
+
+    def _modulator_parameters(self):
+        """`ranges`, `ts` shaped to broadcast against (B, heads, T, S) scores."""
+        if not self.per_head:
+            return self.ranges, self.ts
+        shape = (self.num_query_heads, 1, 1, 2 * self.order)
+        return keras.ops.reshape(self.ranges, shape), keras.ops.reshape(self.ts, shape)
+
+    def _masked_softmax(self, scores, attention_mask=None):
+        """MultiMax over the keys, masking after the modulation."""
+        mask = expand_mask(attention_mask, len(scores.shape), 1)
+        ranges, ts = self._modulator_parameters()
+        return ops.multimax(scores, ranges, ts, axis=-1, mask=mask)
+
+    def _compute_attention(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        training=None,
+        use_causal_mask=False,
+    ):
+        """Scaled dot-product attention normalised by MultiMax, on every path."""
+        if use_causal_mask:
+            causal_mask = self._compute_causal_mask(query, value)
+            attention_mask = (
+                causal_mask
+                if attention_mask is None
+                else keras.ops.logical_and(
+                    keras.ops.cast(attention_mask, "bool"), causal_mask
+                )
+            )
+        query = keras.ops.multiply(
+            query, keras.ops.cast(self._inverse_sqrt_head_dim, query.dtype)
+        )
+        scores = keras.ops.einsum(self._dot_product_equation, query, key)
+        scores = self._masked_softmax(scores, attention_mask)
+        if self.dropout > 0.0:
+            dropped = self._dropout_layer(scores, training=training)
+        else:
+            dropped = scores
+        output = keras.ops.einsum(self._combine_equation, dropped, value)
+        return output, scores
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"per_head": self.per_head, **self._modulator_config()})
+        return config
