@@ -1,0 +1,325 @@
+"""Building blocks shared by the model builders: attention factory, embeddings, blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from keras_multimax.layers import MultiMaxAttention
+from keras_multimax.layers import SegLU
+from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
+
+ATTENTIONS = ("multimax", "softmax")
+HEADS = ("multimax", "softmax")
+
+# Variable names kept out of weight decay: the MultiMax modulator, plus biases
+# and LayerNormalization scales/offsets as in DeiT/timm. The optimizer matches
+# `variable.name`, which is "ts" for the Keras variable but the full path
+# "block/attention/ts:0" for the tf.Variable seen inside `fit`: match both.
+NO_DECAY_PATTERNS = tuple(
+    rf"(^|/){name}(:\d+)?$" for name in ("ranges", "ts", "bias", "gamma", "beta")
+)
+
+
+def validate_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {choices}. Received: {name}={value!r}"
+        )
+    return value
+
+
+def validate_positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return value
+
+
+def validate_rate(name: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be a float in [0, 1). Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def modulator_kwargs(order, per_head, ranges_initializer, ts_initializer) -> dict:
+    return {
+        "order": order,
+        "per_head": per_head,
+        "ranges_initializer": ranges_initializer,
+        "ts_initializer": ts_initializer,
+    }
+
+
+def serialize_initializer(initializer) -> Any:
+    return keras.initializers.serialize(keras.initializers.get(initializer))
+
+
+def make_attention(
+    kind: str,
+    num_heads: int,
+    hidden_dim: int,
+    dropout: float,
+    modulator: dict,
+    name: str,
+) -> keras.layers.MultiHeadAttention:
+    """`MultiMaxAttention` or `keras.layers.MultiHeadAttention`, same shapes."""
+    common = {
+        "num_heads": num_heads,
+        "key_dim": hidden_dim // num_heads,
+        "dropout": dropout,
+        "name": name,
+    }
+    if kind == "multimax":
+        return MultiMaxAttention(**common, **modulator)
+    return keras.layers.MultiHeadAttention(**common)
+
+
+def make_head(
+    kind: str, units: int, modulator: dict, name: str
+) -> list[keras.layers.Layer]:
+    """Output logits: Dense, followed by SegLU for the MultiMax head."""
+    dense = keras.layers.Dense(units, name=f"{name}_dense")
+    if kind == "softmax":
+        return [dense]
+    seglu = SegLU(
+        order=modulator["order"],
+        ranges_initializer=modulator["ranges_initializer"],
+        ts_initializer=modulator["ts_initializer"],
+        name=f"{name}_seglu",
+    )
+    return [dense, seglu]
+
+
+@keras.saving.register_keras_serializable(package="keras_multimax")
+class PositionEmbedding(keras.layers.Layer):
+    """Adds a learned position embedding to a ``(batch, length, dim)`` input.
+
+    Shorter inputs use the first positions.
+
+    Args:
+        sequence_length: Maximum input length.
+        initializer: Initializer of the embedding table.
+        **kwargs: Base layer keyword arguments.
+    """
+
+    def __init__(
+        self,
+        sequence_length: int,
+        initializer: Any = DEFAULT_INITIALIZER,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.sequence_length = validate_positive("sequence_length", sequence_length)
+        self.initializer = keras.initializers.get(initializer)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            name="embeddings",
+            shape=(self.sequence_length, input_shape[-1]),
+            initializer=self.initializer,
+        )
+
+    def call(self, inputs):
+        length = keras.ops.shape(inputs)[1]
+        positions = self.embeddings[:length]
+        return inputs + keras.ops.cast(positions, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "sequence_length": self.sequence_length,
+                "initializer": keras.initializers.serialize(self.initializer),
+            }
+        )
+        return config
+
+
+class _MLP(keras.layers.Layer):
+    def __init__(self, hidden_dim, mlp_dim, dropout, **kwargs):
+        super().__init__(**kwargs)
+        self.fc1 = keras.layers.Dense(mlp_dim, activation="gelu", name="fc1")
+        self.fc2 = keras.layers.Dense(hidden_dim, name="fc2")
+        self.drop = keras.layers.Dropout(dropout, name="dropout")
+
+    def build(self, input_shape):
+        self.fc1.build(input_shape)
+        self.fc2.build(tuple(input_shape[:-1]) + (self.fc1.units,))
+
+    def call(self, x, training=None):
+        return self.drop(self.fc2(self.fc1(x)), training=training)
+
+
+class TransformerBlock(keras.layers.Layer):
+    """Pre-norm transformer block: self-attention, optional cross-attention, MLP.
+
+    ``x + Attn(LN(x))``, then (decoder) ``x + CrossAttn(LN(x), context)``,
+    then ``x + MLP(LN(x))``. Not serialized on its own: the models rebuild it
+    from their configuration.
+    """
+
+    def __init__(
+        self,
+        attention: str,
+        hidden_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        dropout: float,
+        modulator: dict,
+        cross_attention: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.cross = cross_attention
+        self.norm1 = keras.layers.LayerNormalization(epsilon=1e-6, name="norm1")
+        self.attention = make_attention(
+            attention, num_heads, hidden_dim, dropout, modulator, "self_attention"
+        )
+        if cross_attention:
+            self.norm_cross = keras.layers.LayerNormalization(
+                epsilon=1e-6, name="norm_cross"
+            )
+            self.cross_attention = make_attention(
+                attention, num_heads, hidden_dim, dropout, modulator, "cross_attention"
+            )
+        self.norm2 = keras.layers.LayerNormalization(epsilon=1e-6, name="norm2")
+        self.mlp = _MLP(hidden_dim, mlp_dim, dropout, name="mlp")
+        self.drop = keras.layers.Dropout(dropout, name="dropout")
+
+    def build(self, x_shape, context_shape=None):
+        self.norm1.build(x_shape)
+        self.attention.build(x_shape, x_shape)
+        if self.cross:
+            self.norm_cross.build(x_shape)
+            self.cross_attention.build(x_shape, context_shape)
+        self.norm2.build(x_shape)
+        self.mlp.build(x_shape)
+
+    def call(
+        self,
+        x,
+        context=None,
+        attention_mask=None,
+        cross_attention_mask=None,
+        use_causal_mask=False,
+        return_attention_scores=False,
+        training=None,
+    ):
+        scores = {}
+        h = self.norm1(x)
+        h = self.attention(
+            h,
+            h,
+            attention_mask=attention_mask,
+            use_causal_mask=use_causal_mask,
+            return_attention_scores=return_attention_scores,
+            training=training,
+        )
+        if return_attention_scores:
+            h, scores["self_attention"] = h
+        x = x + self.drop(h, training=training)
+        if self.cross:
+            h = self.cross_attention(
+                self.norm_cross(x),
+                context,
+                attention_mask=cross_attention_mask,
+                return_attention_scores=return_attention_scores,
+                training=training,
+            )
+            if return_attention_scores:
+                h, scores["cross_attention"] = h
+            x = x + self.drop(h, training=training)
+        x = x + self.mlp(self.norm2(x), training=training)
+        if return_attention_scores:
+            return x, scores
+        return x
+
+    def compute_output_shape(self, x_shape, context_shape=None):
+        return x_shape
+
+
+@keras.saving.register_keras_serializable(package="keras_multimax")
+def masked_token_accuracy(y_true, y_pred):
+    """Token accuracy over non-padding targets (id 0 is padding)."""
+    y_true = keras.ops.cast(y_true, "int32")
+    pred = keras.ops.cast(keras.ops.argmax(y_pred, axis=-1), "int32")
+    valid = keras.ops.cast(keras.ops.not_equal(y_true, 0), "float32")
+    hits = keras.ops.cast(keras.ops.equal(y_true, pred), "float32") * valid
+    return keras.ops.sum(hits) / keras.ops.maximum(keras.ops.sum(valid), 1.0)
+
+
+class CompileMixin:
+    """``compile()`` with defaults: AdamW without decay on ranges/ts, from_logits loss."""
+
+    _ignore_class: int | None = None
+    _default_metrics: tuple = ("accuracy",)
+
+    def compile(
+        self,
+        optimizer: Any = "auto",
+        loss: Any = "auto",
+        metrics: Any = "auto",
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.05,
+        **kwargs,
+    ):
+        """Configures the model for training, with defaults.
+
+        ``optimizer="auto"`` is ``keras.optimizers.AdamW(learning_rate,
+        weight_decay)``. For any AdamW (or optimizer with ``weight_decay``)
+        not yet built and without its own exclusions, the MultiMax ``ranges``
+        and ``ts`` (and biases, LayerNormalization ``gamma``/``beta``) are
+        excluded from weight decay by variable name. ``loss="auto"`` is
+        sparse categorical cross-entropy on the logits (``from_logits=True``;
+        padding id 0 ignored for the translator); ``metrics="auto"`` is token
+        or class accuracy. Other arguments go to `keras.Model.compile`.
+        """
+        if optimizer == "auto":
+            optimizer = keras.optimizers.AdamW(
+                learning_rate=learning_rate, weight_decay=weight_decay
+            )
+        optimizer = keras.optimizers.get(optimizer)
+        exclude_modulator_from_weight_decay(optimizer)
+        if loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, ignore_class=self._ignore_class
+            )
+        if metrics == "auto":
+            metrics = list(self._default_metrics)
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded model (`keras.saving.load_model`) through `compile`."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+
+def exclude_modulator_from_weight_decay(optimizer: keras.optimizers.Optimizer) -> bool:
+    """Excludes ranges/ts (and biases, norms) from `optimizer`'s weight decay.
+
+    Does nothing (returns False) when the optimizer has no weight decay, is
+    already built, or the user configured exclusions.
+    """
+    if not getattr(optimizer, "weight_decay", None) or optimizer.built:
+        return False
+    if getattr(optimizer, "_exclude_from_weight_decay", None) or getattr(
+        optimizer, "_exclude_from_weight_decay_pattern", None
+    ):
+        return False
+    optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_PATTERNS))
+    return True
