@@ -36,9 +36,8 @@ def test_mirrored_training_equals_single_device(tmp_path):
     paths = [k[len("single/") :] for k in weights.files if k.startswith("single/")]
     expected = {"pool_multimax/ranges", "pool_multimax/ts"}
     expected |= {"head_seglu/ranges", "head_seglu/ts"}
-    assert expected <= set(paths)
-    if meta["attention"]:
-        assert any(p.startswith("attention/") for p in paths), paths
+    expected |= {"attention/ranges", "attention/ts"}  # MultiMaxAttention
+    assert expected <= set(paths), paths
     for path in paths:
         single = weights[f"single/{path}"]
         mirrored = weights[f"mirrored/{path}"]

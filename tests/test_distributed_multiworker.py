@@ -96,6 +96,7 @@ def test_two_workers_fit_equals_single_process(tmp_path):
     assert set(workers[0].files) == set(reference)
     assert {"pool_multimax/ranges", "pool_multimax/ts"} <= set(reference)
     assert {"head_seglu/ranges", "head_seglu/ts"} <= set(reference)
+    assert {"attention/ranges", "attention/ts"} <= set(reference)
     for path, expected in reference.items():
         assert np.max(np.abs(expected - initial[path])) > 10 * ATOL, path
         # All-reduce hands both workers the same update: bitwise identical.

@@ -25,23 +25,19 @@ GLOBAL_BATCH = 8
 NUM_EXAMPLES = 32  # 4 global batches per epoch
 
 
-def attention_available() -> bool:
-    return hasattr(mm_layers, "MultiMaxAttention")
-
-
-def build_model(attention: bool | None = None, batch_size: int | None = None):
+def build_model(attention: bool = True, batch_size: int | None = None):
     """A small sequence classifier using every MultiMax layer of the package.
 
-    Dense -> MultiMaxAttention (when importable) -> MultiMax attention pooling
-    over time -> Dense -> SegLU logits. The SegLU head is float32 under mixed
-    precision policies, so bf16/fp16 models still give float32 logits.
+    Dense -> MultiMaxAttention (per-head ranges/ts) -> MultiMax attention
+    pooling over time -> Dense -> SegLU logits. The SegLU head is float32
+    under mixed precision policies, so bf16/fp16 models give float32 logits.
     """
-    if attention is None:
-        attention = attention_available()
     inputs = keras.Input((SEQ_LEN, FEATURES), batch_size=batch_size, name="tokens")
     h = keras.layers.Dense(8, name="embed")(inputs)
     if attention:
-        h = mm_layers.MultiMaxAttention(num_heads=2, key_dim=4, name="attention")(h, h)
+        h = mm_layers.MultiMaxAttention(
+            num_heads=2, key_dim=4, per_head=True, name="attention"
+        )(h, h)
     scores = keras.layers.Dense(1, name="pool_score")(h)
     weights = mm_layers.MultiMax(axis=1, name="pool_multimax")(scores)
     pooled = keras.layers.Flatten(name="flatten")(

@@ -67,7 +67,6 @@ def main(out_dir: str, epochs: int) -> None:
             "ranges_variable_type": type(ranges._value).__name__,
             "single_loss": single_loss,
             "mirrored_loss": mirrored_loss,
-            "attention": common.attention_available(),
         },
     )
 

@@ -50,7 +50,7 @@ def main(index: int, ports: str, input_npz: str, out_dir: str, epochs: int) -> N
         model = common.build_model()
         model.set_weights(init)
         common.compile_sgd(model)
-    history = model.fit(dataset, epochs=epochs, verbose=0)
+    history = model.fit(dataset, epochs=epochs, shuffle=False, verbose=0)
     arrays = common.weights_by_path(model)
     np.savez(os.path.join(out_dir, f"worker{index}.npz"), **arrays)
     common.write_json(
