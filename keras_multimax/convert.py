@@ -1,0 +1,367 @@
+"""Swapping MultiMax into existing Keras models: `to_multimax`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras.src.models.functional import Functional
+
+from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
+from keras_multimax.layers.multimax import MultiMax
+from keras_multimax.layers.multimax_attention import MultiMaxAttention
+from keras_multimax.layers.multimax_attention import validate_per_head
+from keras_multimax.layers.multimax_group_query_attention import (
+    MultiMaxGroupQueryAttention,
+)
+
+__all__ = ["ActivationMultiMax", "to_multimax"]
+
+# Softmax attention class -> its MultiMax twin. Only these exact classes are
+# converted: a subclass may change the computation in ways a twin would drop.
+_ATTENTION_TWINS = {
+    keras.layers.MultiHeadAttention: MultiMaxAttention,
+    keras.layers.GroupQueryAttention: MultiMaxGroupQueryAttention,
+}
+_MULTIMAX_ATTENTION = (MultiMaxAttention, MultiMaxGroupQueryAttention)
+_PROJECTIONS = (
+    "_query_dense",
+    "_key_dense",
+    "_value_dense",
+    "_gate_dense",
+    "_output_dense",
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_multimax")
+class ActivationMultiMax(MultiMax):
+    """MultiMax over the last axis used as an *activation*: ignores Keras masks.
+
+    `to_multimax(..., replace_softmax=True)` puts this layer where a
+    ``Dense(..., activation="softmax")`` or an ``Activation("softmax")`` was.
+    Like those (and unlike `keras.layers.Softmax`), it does not apply the Keras
+    mask of its input to the normalised axis; it passes the mask on unchanged.
+    Everything else is `keras_multimax.layers.MultiMax` with ``axis=-1``.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = ActivationMultiMax(ts_initializer="zeros")
+    >>> np.round(layer(np.array([[1.0, 2.0, 1.0]])).numpy(), 4)
+    array([[0.2119, 0.5761, 0.2119]], dtype=float32)
+
+    Args:
+        **kwargs: `keras_multimax.layers.MultiMax` arguments except ``axis``
+            (``order``, initializers, regularizers, constraints, ``name``,
+            ``dtype``).
+
+    Call arguments:
+        inputs: Floating-point scores (logits), normalised over the last axis.
+
+    Returns:
+        Probabilities with the shape of ``inputs``.
+
+    Reference:
+        Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
+        Learning", ICML 2024.
+    """
+
+    def __init__(self, **kwargs):
+        axis = kwargs.pop("axis", -1)
+        if axis != -1:
+            raise ValueError(
+                "`ActivationMultiMax` normalises over the last axis only. "
+                f"Received: axis={axis}"
+            )
+        super().__init__(axis=-1, **kwargs)
+
+    def call(self, inputs):
+        return super().call(inputs, mask=None)
+
+
+def to_multimax(
+    model: keras.Model,
+    *,
+    replace_softmax: bool = False,
+    order: int = 2,
+    per_head: bool = False,
+    ranges_initializer: Any = DEFAULT_INITIALIZER,
+    ts_initializer: Any = "zeros",
+    ranges_regularizer: Any = None,
+    ts_regularizer: Any = None,
+    ranges_constraint: Any = None,
+    ts_constraint: Any = None,
+) -> keras.Model:
+    r"""Returns a copy of a Keras model with MultiMax in place of SoftMax attention.
+
+    Every `keras.layers.MultiHeadAttention` becomes a
+    `keras_multimax.layers.MultiMaxAttention` and every
+    `keras.layers.GroupQueryAttention` a
+    `keras_multimax.layers.MultiMaxGroupQueryAttention`, with the same
+    configuration and a **copy** of the same projection weights (LoRA included),
+    also inside nested Functional and Sequential sub-models. Every other layer
+    is cloned with a copy of its weights; the original model is not modified
+    and shares no variable with the result.
+
+    With ``replace_softmax=True`` the SoftMax output layers are replaced too:
+    a `keras.layers.Softmax` becomes a `keras_multimax.layers.MultiMax` over
+    the same axis, an ``Activation("softmax")`` an `ActivationMultiMax`, and a
+    ``Dense(..., activation="softmax")`` becomes the same ``Dense`` with a
+    linear activation (same kernel and bias) followed by an
+    `ActivationMultiMax` named ``"<dense name>_multimax"``.
+
+    Formula: each replaced normalisation
+    $\mathrm{softmax}(s)$ becomes $\mathrm{softmax}(\sigma(s))$ with
+    $\sigma(s) = s + \sum_k t_{2k}\,\mathrm{relu}(r_{2k} - s)^{k+1} +
+    t_{2k+1}\,\mathrm{relu}(s - r_{2k+1})^{k+1}$. As ``ts_initializer``
+    defaults to zeros, $\sigma$ starts as the identity: the new model computes
+    what the old one computed (up to float rounding), and fine-tuning moves
+    ``ts`` (then ``ranges``) away from SoftMax. Pass e.g.
+    ``ts_initializer=keras_multimax.layers.multimax.DEFAULT_INITIALIZER`` to
+    start from the paper's small random slopes instead.
+
+    One difference remains at ``ts = 0``: a query that may attend to no key
+    at all (e.g. a padded query position) gets all-zero MultiMax weights,
+    while the fused SoftMax kernel of `MultiHeadAttention` spreads them
+    uniformly. Only such fully masked positions can differ.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> inputs = keras.Input((6, 16))
+    >>> x = keras.layers.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)
+    >>> x = keras.layers.GlobalAveragePooling1D()(x)
+    >>> outputs = keras.layers.Dense(3, activation="softmax", name="head")(x)
+    >>> model = keras.Model(inputs, outputs)
+    >>> new = to_multimax(model, replace_softmax=True)
+    >>> type(new.get_layer("mha")).__name__, new.get_layer("head_multimax").name
+    ('MultiMaxAttention', 'head_multimax')
+    >>> x = np.random.default_rng(0).normal(size=(2, 6, 16))
+    >>> bool(np.allclose(model(x), new(x), atol=1e-6))  # ts = 0: same outputs
+    True
+
+    Args:
+        model: A built Functional (`keras.Model(inputs, outputs)`) or
+            `keras.Sequential` model. Subclassed models (a Python ``call``)
+            cannot be rebuilt and raise a ``TypeError``.
+        replace_softmax: Boolean, also replace ``Softmax`` layers,
+            ``Activation("softmax")`` layers and ``Dense`` layers with a
+            softmax activation, as described above. Defaults to False.
+        order: Integer >= 1, the order K of every new modulator.
+        per_head: Boolean, one modulator per attention head (see
+            `MultiMaxAttention`); does not apply to the output layers.
+        ranges_initializer: Initializer of every new ``ranges`` weight.
+            Defaults to a truncated normal with standard deviation 0.02.
+        ts_initializer: Initializer of every new ``ts`` weight. Defaults to
+            ``"zeros"``, so that the new model starts equal to the old one.
+        ranges_regularizer: Optional regularizer of the new ``ranges``.
+        ts_regularizer: Optional regularizer of the new ``ts``.
+        ranges_constraint: Optional constraint of the new ``ranges``.
+        ts_constraint: Optional constraint of the new ``ts``.
+
+    Returns:
+        A new model of the same kind (a Functional subclass whose constructor
+        takes ``(inputs, outputs, name)`` keeps its class; other Functional
+        subclasses become a plain Functional model), compiled as the original
+        if it was compiled (with a fresh optimizer).
+
+    Reference:
+        Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
+        Learning", ICML 2024.
+    """
+    if not isinstance(replace_softmax, bool):
+        raise TypeError(
+            "`replace_softmax` must be a boolean. "
+            f"Received: replace_softmax={replace_softmax!r}"
+        )
+    validate_per_head(per_head)
+    modulator = {
+        "order": order,
+        "ranges_initializer": ranges_initializer,
+        "ts_initializer": ts_initializer,
+        "ranges_regularizer": ranges_regularizer,
+        "ts_regularizer": ts_regularizer,
+        "ranges_constraint": ranges_constraint,
+        "ts_constraint": ts_constraint,
+    }
+    # Fail early, before any cloning, on bad modulator arguments.
+    MultiMax(**modulator)
+    converter = _Converter(modulator, per_head, replace_softmax)
+    return converter.convert_model(model)
+
+
+class _Converter:
+    def __init__(self, modulator: dict, per_head: bool, replace_softmax: bool):
+        self.modulator = modulator
+        self.per_head = per_head
+        self.replace_softmax = replace_softmax
+
+    # -- models --------------------------------------------------------------
+
+    def convert_model(self, model):
+        if isinstance(model, keras.Sequential):
+            return self._convert_sequential(model)
+        if isinstance(model, Functional):
+            return self._convert_functional(model)
+        if isinstance(model, keras.Model):
+            raise TypeError(
+                "`to_multimax` can only rebuild Functional and Sequential "
+                "models, whose layer graph it can read. Received: model "
+                f"{model.name!r} of subclassed type {type(model).__name__}, "
+                "whose `call()` is Python code. Instead, create the attention "
+                "layers in that code as `keras_multimax.layers."
+                "MultiMaxAttention` (it takes every MultiHeadAttention "
+                "argument, plus ts_initializer='zeros' to start as SoftMax) "
+                "and load the old weights with `model.load_weights(...)` "
+                "(skip_mismatch=True leaves the new `ranges`/`ts` as "
+                "initialised), or build the model with the functional API."
+            )
+        raise TypeError(
+            "`to_multimax` expects a `keras.Model`. "
+            f"Received: model={model!r} of type {type(model).__name__}"
+        )
+
+    def _convert_functional(self, model):
+        pairs = []
+        after = {}
+
+        def clone_function(layer):
+            if isinstance(layer, keras.Model):
+                return self.convert_model(layer)
+            if not isinstance(layer, keras.layers.Layer):
+                # A `keras.ops` operation used in the graph (e.g. `x + y`).
+                return type(layer).from_config(layer.get_config())
+            new, following = self._convert_layer(layer)
+            pairs.append((layer, new))
+            if following is not None:
+                after[id(new)] = following
+            return new
+
+        def call_function(layer, *args, **kwargs):
+            outputs = layer(*args, **kwargs)
+            following = after.get(id(layer))
+            return outputs if following is None else following(outputs)
+
+        new_model = keras.models.clone_model(
+            model, clone_function=clone_function, call_function=call_function
+        )
+        for old, new in pairs:
+            _copy_weights(old, new)
+        return new_model
+
+    def _convert_sequential(self, model):
+        pairs, new_layers = [], []
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                new_layers.append(self.convert_model(layer))
+                continue
+            new, following = self._convert_layer(layer)
+            pairs.append((layer, new))
+            new_layers.append(new)
+            if following is not None:
+                new_layers.append(following)
+        first = model._layers[0] if model._layers else None
+        if isinstance(first, keras.layers.InputLayer):
+            inputs = keras.Input(
+                batch_shape=first.batch_shape,
+                dtype=first.dtype,
+                name=first.name,
+                optional=first.optional,
+            )
+            new_layers = [inputs] + new_layers
+        new_model = keras.Sequential(
+            new_layers, name=model.name, trainable=model.trainable
+        )
+        for old, new in pairs:
+            _copy_weights(old, new)
+        if model.compiled:
+            new_model.compile_from_config(model.get_compile_config())
+        return new_model
+
+    # -- layers --------------------------------------------------------------
+
+    def _convert_layer(self, layer):
+        """Returns (new layer, optional layer to call on its outputs)."""
+        cls = type(layer)
+        config = layer.get_config()
+        if cls in _ATTENTION_TWINS:
+            twin = _ATTENTION_TWINS[cls]
+            return twin.from_config(
+                {**config, **self.modulator, "per_head": self.per_head}
+            ), None
+        if isinstance(layer, _MULTIMAX_ATTENTION):
+            return cls.from_config(config), None
+        for base in _ATTENTION_TWINS:
+            if isinstance(layer, base):
+                raise TypeError(
+                    f"Layer {layer.name!r} is a {cls.__name__}, a subclass of "
+                    f"{base.__name__} with its own behaviour, which "
+                    "`to_multimax` cannot carry over to a MultiMax twin. "
+                    "Build it on `keras_multimax.layers.MultiMaxAttention` "
+                    "(or MultiMaxGroupQueryAttention) instead."
+                )
+        inner = _nested_attention(layer)
+        if inner is not None:
+            raise TypeError(
+                f"Layer {layer.name!r} ({cls.__name__}) creates the attention "
+                f"layer {inner.name!r} ({type(inner).__name__}) inside its "
+                "own code, which `to_multimax` cannot rewrite: it only "
+                "replaces attention layers that are nodes of a Functional or "
+                "Sequential model. Build that layer with `keras_multimax."
+                "layers.MultiMaxAttention` (same arguments) instead."
+            )
+        if self.replace_softmax:
+            return self._convert_softmax(layer, config)
+        return cls.from_config(config), None
+
+    def _convert_softmax(self, layer, config):
+        cls = type(layer)
+        common = {"dtype": layer.dtype_policy, **self.modulator}
+        if cls is keras.layers.Softmax:
+            return MultiMax(axis=layer.axis, name=layer.name, **common), None
+        if cls is keras.layers.Activation and _is_softmax(layer.activation):
+            return ActivationMultiMax(name=layer.name, **common), None
+        if cls is keras.layers.Dense and _is_softmax(layer.activation):
+            linear = cls.from_config({**config, "activation": "linear"})
+            return linear, ActivationMultiMax(name=f"{layer.name}_multimax", **common)
+        return cls.from_config(config), None
+
+
+def _is_softmax(activation) -> bool:
+    return keras.activations.serialize(activation) == "softmax"
+
+
+def _nested_attention(layer):
+    for sub in layer._flatten_layers(include_self=False):
+        if isinstance(sub, tuple(_ATTENTION_TWINS)):
+            return sub
+    return None
+
+
+def _copy_weights(old, new):
+    """Copies `old`'s weights into `new` (the attention twin or a clone)."""
+    if not old.weights:
+        return
+    if isinstance(new, _MULTIMAX_ATTENTION):
+        # Projection by projection, so that LoRA adapters come along.
+        for name in _PROJECTIONS:
+            old_dense = getattr(old, name, None)
+            if old_dense is None:
+                continue
+            new_dense = getattr(new, name)
+            if old_dense.lora_enabled and not new_dense.lora_enabled:
+                new_dense.enable_lora(
+                    old_dense.lora_rank, lora_alpha=old_dense.lora_alpha
+                )
+            new_dense.set_weights(old_dense.get_weights())
+        if isinstance(old, _MULTIMAX_ATTENTION):
+            new.ranges.assign(old.ranges)
+            new.ts.assign(old.ts)
+        return
+    try:
+        new.set_weights(old.get_weights())
+    except ValueError as error:
+        raise ValueError(
+            f"`to_multimax` could not copy the weights of layer {old.name!r} "
+            f"({type(old).__name__}) into its clone: {error}"
+        ) from error

@@ -1,0 +1,286 @@
+"""Tests of `keras_multimax.convert.to_multimax` on small transformer models."""
+
+import keras
+import numpy as np
+import numpy_reference as ref
+import pytest
+
+from keras_multimax import convert
+from keras_multimax import layers
+
+T, D, VOCAB, CLASSES = 6, 16, 20, 3
+RNG = np.random.default_rng(31)
+X = RNG.normal(size=(4, T, D)).astype("float32")
+TOKENS = RNG.integers(1, VOCAB, size=(4, T))
+TOKENS[0, 4:] = 0  # padding
+TOKENS[2, 2:] = 0
+LABELS = RNG.integers(0, CLASSES, size=(4,))
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _block(name="block"):
+    """A functional transformer encoder block (MHA + FFN, residuals, norms)."""
+    inputs = keras.Input((T, D))
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, name="self_attention")(
+        inputs, inputs, use_causal_mask=True
+    )
+    h = keras.layers.LayerNormalization(name="norm1")(inputs + h)
+    f = keras.layers.Dense(32, activation="relu", name="ffn_in")(h)
+    f = keras.layers.Dense(D, name="ffn_out")(f)
+    outputs = keras.layers.LayerNormalization(name="norm2")(h + f)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _functional_model():
+    """Outer GQA layer + a nested functional block + a softmax head."""
+    inputs = keras.Input((T, D))
+    h = keras.layers.GroupQueryAttention(
+        head_dim=4, num_query_heads=4, num_key_value_heads=2, name="gqa"
+    )(inputs, inputs)
+    h = _block()(inputs + h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    outputs = keras.layers.Dense(CLASSES, activation="softmax", name="head")(h)
+    return keras.Model(inputs, outputs, name="classifier")
+
+
+def _sequential_model():
+    """Embedding -> nested functional block -> Softmax layer head."""
+    return keras.Sequential(
+        [
+            keras.Input((T,), dtype="int32"),
+            keras.layers.Embedding(VOCAB, D, name="embed"),
+            _block(),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(CLASSES, name="logits"),
+            keras.layers.Softmax(name="probs"),
+        ],
+        name="seq_classifier",
+    )
+
+
+def _all_layers(model):
+    return list(model._flatten_layers(include_self=False))
+
+
+def _assert_converted(old, new):
+    kinds = [type(layer) for layer in _all_layers(new)]
+    assert keras.layers.MultiHeadAttention not in kinds
+    assert keras.layers.GroupQueryAttention not in kinds
+    n_old = sum(
+        type(layer)
+        in (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention)
+        for layer in _all_layers(old)
+    )
+    n_new = sum(
+        isinstance(
+            layer, (layers.MultiMaxAttention, layers.MultiMaxGroupQueryAttention)
+        )
+        for layer in _all_layers(new)
+    )
+    assert n_old == n_new > 0
+    # Same values, separate variables, for every weight of the old model.
+    new_by_path = {w.path: w for w in new.weights}
+    old_ids = {id(w) for w in old.weights}
+    assert not old_ids & {id(w) for w in new.weights}
+    for w in old.weights:
+        match = new_by_path[w.path]
+        np.testing.assert_array_equal(_np(match), _np(w), err_msg=w.path)
+    extra = sorted(set(new_by_path) - {w.path for w in old.weights})
+    assert extra and all(p.split("/")[-1] in ("ranges", "ts") for p in extra), extra
+
+
+@pytest.mark.parametrize("replace_softmax", [False, True])
+def test_functional_with_nested_block_keeps_outputs(replace_softmax):
+    model = _functional_model()
+    new = convert.to_multimax(model, replace_softmax=replace_softmax)
+    _assert_converted(model, new)
+    assert type(new.get_layer("gqa")) is layers.MultiMaxGroupQueryAttention
+    block = new.get_layer("block")
+    assert type(block.get_layer("self_attention")) is layers.MultiMaxAttention
+    if replace_softmax:
+        assert new.get_layer("head").get_config()["activation"] == "linear"
+        assert isinstance(new.get_layer("head_multimax"), convert.ActivationMultiMax)
+    else:
+        assert new.get_layer("head").get_config()["activation"] == "softmax"
+    np.testing.assert_allclose(_np(new(X)), _np(model(X)), atol=1e-6)
+
+    # Non-zero slopes: the new model is no longer the SoftMax model.
+    for w in new.weights:
+        if w.name == "ts":
+            w.assign(np.full(w.shape, 0.5))
+    assert np.max(np.abs(_np(new(X)) - _np(model(X)))) > 1e-4
+
+
+def test_sequential_keeps_outputs():
+    model = _sequential_model()
+    new = convert.to_multimax(model, replace_softmax=True)
+    assert isinstance(new, keras.Sequential) and new.name == model.name
+    _assert_converted(model, new)
+    assert type(new.get_layer("probs")) is layers.MultiMax
+    np.testing.assert_allclose(_np(new(TOKENS)), _np(model(TOKENS)), atol=1e-6)
+
+
+def test_padding_masks_keep_outputs():
+    tokens = keras.Input((T,), dtype="int32")
+    x = keras.layers.Embedding(VOCAB, D, mask_zero=True)(tokens)
+    h = keras.layers.MultiHeadAttention(2, 8, name="mha")(x, x)
+    h = keras.layers.GlobalAveragePooling1D()(h)  # uses the propagated mask
+    outputs = keras.layers.Dense(CLASSES, activation="softmax", name="head")(h)
+    model = keras.Model(tokens, outputs)
+    new = convert.to_multimax(model, replace_softmax=True)
+    _assert_converted(model, new)
+    # Padded query positions attend to nothing under MultiMax (uniformly under
+    # the fused SoftMax kernel): only there do the attention outputs differ ...
+    old_att, new_att = (
+        _np(keras.Model(m.inputs[0], m.get_layer("mha").output)(TOKENS))
+        for m in (model, new)
+    )
+    pad = TOKENS == 0
+    np.testing.assert_allclose(new_att[~pad], old_att[~pad], atol=1e-6)
+    assert np.all(np.max(np.abs(new_att[pad] - old_att[pad]), axis=-1) > 1e-4)
+    # ... and the masked pooling ignores them, so the model outputs agree.
+    np.testing.assert_allclose(_np(new(TOKENS)), _np(model(TOKENS)), atol=1e-6)
+
+
+def test_converted_attention_equals_multimax_formula():
+    """The swapped-in output layer is MultiMax of the unchanged Dense logits."""
+    model = _functional_model()
+    new = convert.to_multimax(model, replace_softmax=True, ts_initializer="ones")
+    head, multimax = new.get_layer("head"), new.get_layer("head_multimax")
+    np.testing.assert_array_equal(_np(head.kernel), _np(model.get_layer("head").kernel))
+    pooled = keras.Model(new.inputs[0], head.input)(X)
+    logits = _np(pooled) @ _np(head.kernel) + _np(head.bias)
+    expected = ref.multimax(logits, _np(multimax.ranges), _np(multimax.ts))
+    np.testing.assert_allclose(_np(new(X)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_softmax_and_options_pass_through():
+    inputs = keras.Input((T, D))
+    h = keras.layers.MultiHeadAttention(2, 4, name="mha")(inputs, inputs)
+    outputs = keras.layers.Activation("softmax", name="act")(h)
+    model = keras.Model(inputs, outputs)
+    new = convert.to_multimax(
+        model,
+        replace_softmax=True,
+        order=1,
+        per_head=True,
+        ts_regularizer="l2",
+        ranges_constraint="non_neg",
+    )
+    mha = new.get_layer("mha")
+    assert mha.per_head and mha.order == 1 and tuple(mha.ts.shape) == (2, 2)
+    assert isinstance(mha.ts_regularizer, keras.regularizers.L2)
+    act = new.get_layer("act")
+    assert type(act) is convert.ActivationMultiMax and act.order == 1
+    np.testing.assert_allclose(_np(new(X)), _np(model(X)), atol=1e-6)
+
+
+def test_lora_and_already_converted_layers_are_copied():
+    inputs = keras.Input((T, D))
+    mha = keras.layers.MultiHeadAttention(2, 4, name="mha")
+    mm = layers.MultiMaxAttention(2, 4, name="mm")
+    outputs = mm(mha(inputs, inputs), inputs)
+    model = keras.Model(inputs, outputs)
+    mha.query_dense.enable_lora(2)
+    lora_b = mha.query_dense.lora_kernel_b
+    lora_b.assign(RNG.normal(size=lora_b.shape))
+    mm.ts.assign([0.5, -0.5, 0.3, 0.2])  # an existing MultiMax layer keeps its ts
+    new = convert.to_multimax(model)
+    assert new.get_layer("mha").query_dense.lora_enabled
+    np.testing.assert_array_equal(_np(new.get_layer("mm").ts), _np(mm.ts))
+    np.testing.assert_allclose(_np(new(X)), _np(model(X)), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_converted_model_trains_and_saves(tmp_path):
+    model = _sequential_model()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(TOKENS, LABELS, epochs=1, verbose=0)  # a "pretrained" model
+    new = convert.to_multimax(model, replace_softmax=True, per_head=True)
+    assert new.compiled  # compiled as the original, fresh optimizer
+    new.compile(optimizer=keras.optimizers.Adam(0.01), loss=model.loss)
+    before = {w.path: _np(w).copy() for w in new.weights if w.name in ("ranges", "ts")}
+    assert all(np.all(v == 0) for p, v in before.items() if p.endswith("ts"))
+    history = new.fit(TOKENS, LABELS, epochs=8, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    for w in new.weights:
+        if w.name in ("ranges", "ts"):
+            assert np.any(_np(w) != before[w.path]), f"{w.path} did not train"
+    path = str(tmp_path / "converted.keras")
+    new.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        loaded.predict(TOKENS, verbose=0), new.predict(TOKENS, verbose=0), atol=1e-6
+    )
+
+
+def test_original_model_is_untouched():
+    model = _functional_model()
+    before = [_np(w).copy() for w in model.weights]
+    reference = _np(model(X))
+    new = convert.to_multimax(model)
+    for w in new.weights:
+        w.assign(_np(w) + 1.0)
+    for w, b in zip(model.weights, before):
+        np.testing.assert_array_equal(_np(w), b)
+    np.testing.assert_array_equal(_np(model(X)), reference)
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.mha = keras.layers.MultiHeadAttention(2, 4)
+
+    def call(self, x):
+        return self.mha(x, x)
+
+
+class _BlockLayer(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.mha = keras.layers.MultiHeadAttention(2, 4)
+
+    def call(self, x):
+        return self.mha(x, x)
+
+
+class _MyAttention(keras.layers.MultiHeadAttention):
+    pass
+
+
+def test_models_it_cannot_rebuild_get_clear_errors():
+    sub = _Subclassed()
+    sub(X)
+    with pytest.raises(TypeError, match="subclassed.*MultiMaxAttention"):
+        convert.to_multimax(sub)
+
+    inputs = keras.Input((T, D))
+    model = keras.Model(inputs, _BlockLayer(name="custom")(inputs))
+    with pytest.raises(TypeError, match="'custom'.*inside its own code"):
+        convert.to_multimax(model)
+
+    inputs = keras.Input((T, D))
+    model = keras.Model(inputs, _MyAttention(2, 4, name="mine")(inputs, inputs))
+    with pytest.raises(TypeError, match="'mine'.*subclass of MultiHeadAttention"):
+        convert.to_multimax(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"replace_softmax": "yes"}, TypeError, "replace_softmax='yes'"),
+        ({"order": 0}, ValueError, "order=0"),
+        ({"per_head": None}, TypeError, "per_head=None"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        convert.to_multimax(_functional_model(), **kwargs)
+
+
+def test_not_a_model():
+    with pytest.raises(TypeError, match="expects a `keras.Model`"):
+        convert.to_multimax(keras.layers.Dense(2))
