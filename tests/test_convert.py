@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import numpy_reference as ref
 import pytest
+from layer_test_case import run_layer_test
 
 from keras_multimax import convert
 from keras_multimax import layers
@@ -284,3 +285,31 @@ def test_bad_arguments(kwargs, error, match):
 def test_not_a_model():
     with pytest.raises(TypeError, match="expects a `keras.Model`"):
         convert.to_multimax(keras.layers.Dense(2))
+
+
+def test_activation_multimax_standard_checks():
+    run_layer_test(
+        convert.ActivationMultiMax,
+        {"order": 1, "ts_regularizer": "l1"},
+        X,
+        expected_output_shape=X.shape,
+        expected_num_trainable_weights=2,
+    )
+
+
+def test_dense_softmax_on_masked_sequence_ignores_the_mask_like_dense():
+    # T == number of classes: a Keras (B, T) mask would broadcast silently
+    # onto the class axis if the inserted MultiMax applied it.
+    tokens = keras.Input((T,), dtype="int32")
+    x = keras.layers.Embedding(VOCAB, D, mask_zero=True)(tokens)
+    outputs = keras.layers.Dense(T, activation="softmax", name="tagger")(x)
+    model = keras.Model(tokens, outputs)
+    new = convert.to_multimax(model, replace_softmax=True)
+    out = new(TOKENS)
+    np.testing.assert_allclose(_np(out), _np(model(TOKENS)), atol=1e-6)
+    np.testing.assert_array_equal(_np(out._keras_mask), TOKENS != 0)
+
+
+def test_bad_activation_multimax_axis():
+    with pytest.raises(ValueError, match="axis=1"):
+        convert.ActivationMultiMax(axis=1)
