@@ -76,13 +76,13 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
     Example:
 
     >>> import numpy as np
-    >>> layer = MultiMaxAttention(num_heads=2, key_dim=4)
+    >>> layer = MultiMaxAttention(num_heads=2, key_dim=4, name="attention")
     >>> x = np.random.default_rng(0).normal(size=(1, 3, 8)).astype("float32")
     >>> out, scores = layer(x, x, return_attention_scores=True)
     >>> out.shape, scores.shape
     (TensorShape([1, 3, 8]), TensorShape([1, 2, 3, 3]))
     >>> layer.ranges.path, tuple(layer.ts.shape)
-    ('multi_max_attention/ranges', (4,))
+    ('attention/ranges', (4,))
 
     Args:
         num_heads: Number of attention heads.
