@@ -542,3 +542,51 @@ def test_registered_and_config_round_trip():
     clone(X, X)
     assert tuple(clone.ts.shape) == (3, 6)
     assert np.all(clone.ts.numpy() == 0.0)
+
+
+def test_mask_shapes_broadcast_like_multi_head_attention():
+    layer = _built()
+    outs = [
+        _np(layer(X, X, attention_mask=mask))
+        for mask in (
+            CAUSAL,  # (T, S)
+            np.broadcast_to(CAUSAL, (2, 5, 5)),  # (B, T, S)
+            np.broadcast_to(CAUSAL, (2, 2, 5, 5)),  # (B, heads, T, S)
+            CAUSAL.astype("float32"),  # numeric masks are accepted too
+        )
+    ]
+    expected, _ = numpy_attention(layer, X, X, causal=True)
+    for out in outs:
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("return_scores", [False, True])
+def test_compute_attention_combines_causal_and_explicit_mask(return_scores):
+    # `_compute_attention` is an override point; called directly with both a
+    # causal flag and an explicit mask, it must apply both (as the parent).
+    layer = _built()
+    q, k, v = (RNG.normal(size=(1, 5, 2, 4)).astype("float32") for _ in range(3))
+    extra = np.ones((1, 5, 5), bool)
+    extra[:, 3, 1] = False
+    both, _ = layer._compute_attention(
+        q, k, v, extra, None, return_scores, use_causal_mask=True
+    )
+    merged, _ = layer._compute_attention(q, k, v, extra & CAUSAL, None, return_scores)
+    np.testing.assert_allclose(_np(both), _np(merged), atol=1e-7)
+
+
+def test_int8_quantized_projections_still_use_multimax():
+    layer = _built()
+    twin = _softmax_twin(layer)
+    reference = _np(layer(X, X))
+    for attention in (layer, twin):
+        for dense in (
+            attention.query_dense,
+            attention.key_dense,
+            attention.value_dense,
+        ):
+            dense.quantize("int8")
+    assert keras.backend.standardize_dtype(layer.query_dense._kernel.dtype) == "int8"
+    quantized = _np(layer(X, X))
+    assert np.mean((quantized - reference) ** 2) < 1e-3
+    assert np.max(np.abs(quantized - _np(twin(X, X)))) > 1e-3
