@@ -10,6 +10,8 @@ from keras_multimax import ops
 from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.layers._modulator import ModulatorParameters
 
+__all__ = ["MultiMaxAttention"]
+
 
 def validate_per_head(per_head: Any) -> bool:
     if not isinstance(per_head, bool):

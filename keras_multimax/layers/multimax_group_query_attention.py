@@ -13,6 +13,8 @@ from keras_multimax.layers.multimax_attention import expand_mask
 from keras_multimax.layers.multimax_attention import reject_flash_attention
 from keras_multimax.layers.multimax_attention import validate_per_head
 
+__all__ = ["MultiMaxGroupQueryAttention"]
+
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
 class MultiMaxGroupQueryAttention(
