@@ -1,0 +1,304 @@
+"""Export a model with MultiMax layers to every deployment format and check it.
+
+`export_all` writes ``.keras``, a TensorFlow SavedModel, LiteRT (``.tflite``,
+float32 and dynamic-range quantized, builtin ops only) and ONNX files, runs
+each in its own runtime on the same inputs, and reports file size, the largest
+difference to the Keras model and the latency per batch; `format_table`
+prints that as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["FORMATS", "ExportResult", "export_all", "format_table"]
+
+FORMATS = ("keras", "tf_saved_model", "litert", "litert_dynamic_range", "onnx")
+
+_LABELS = {
+    "keras": "Keras (.keras)",
+    "tf_saved_model": "SavedModel",
+    "litert": "LiteRT float32 (.tflite)",
+    "litert_dynamic_range": "LiteRT dynamic-range int8 (.tflite)",
+    "onnx": "ONNX (.onnx)",
+}
+_FILES = {
+    "keras": "model.keras",
+    "tf_saved_model": "saved_model",
+    "litert": "model.tflite",
+    "litert_dynamic_range": "model_dynamic_range.tflite",
+    "onnx": "model.onnx",
+}
+_EXTRA = "the `export` extra: pip install 'keras-multimax[export]'"
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """One exported file and how it compares with the Keras model.
+
+    Attributes:
+        format: One of `FORMATS`.
+        path: The file (a directory for ``tf_saved_model``).
+        size_bytes: Size on disk (all files of a directory).
+        max_abs_diff: Largest absolute difference between the exported
+            model's outputs and the Keras model's, on the inputs given.
+        latency_ms: Median wall time of one call on those inputs (one batch),
+            in milliseconds, after two warm-up calls.
+    """
+
+    format: str
+    path: str
+    size_bytes: int
+    max_abs_diff: float
+    latency_ms: float
+
+
+def _as_list(inputs) -> list[np.ndarray]:
+    if isinstance(inputs, (list, tuple)):
+        return [np.asarray(a) for a in inputs]
+    return [np.asarray(inputs)]
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(
+        os.path.getsize(os.path.join(root, f))
+        for root, _, files in os.walk(path)
+        for f in files
+    )
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def _keras_runner(model, path, arrays):
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    args = arrays if len(arrays) > 1 else arrays[0]
+    return lambda: np.asarray(reloaded.predict_on_batch(args))
+
+
+def _saved_model_runner(model, path, arrays):
+    model.export(path, format="tf_saved_model", verbose=False)
+    loaded = tf.saved_model.load(path)  # must outlive `serve` (owns the variables)
+    tensors = [tf.constant(a) for a in arrays]
+    args = tensors if len(tensors) > 1 else tensors[0]
+    return lambda: loaded.serve(args).numpy()
+
+
+def _litert_runner(model, path, arrays, quantize=False):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as e:
+        raise ImportError(f"Running LiteRT models needs {_EXTRA}.") from e
+    kwargs = {}
+    if quantize:
+        kwargs["optimizations"] = [tf.lite.Optimize.DEFAULT]
+    # Builtin ops only: conversion fails rather than needing the Flex delegate.
+    model.export(
+        path,
+        format="litert",
+        verbose=False,
+        target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]},
+        **kwargs,
+    )
+    runner = Interpreter(model_path=path).get_signature_runner()
+    names = list(runner.get_input_details())
+    if len(names) == 1:
+        feeds = {names[0]: arrays[0]}
+    else:
+        feeds = {t.name: a for t, a in zip(model.inputs, arrays)}
+    return lambda: next(iter(runner(**feeds).values()))
+
+
+def _register_tf2onnx_erfc() -> None:
+    """Teaches tf2onnx TensorFlow's ``Erfc`` as ``1 - Erf`` (if it lacks it).
+
+    Keras' exact GELU (``activation="gelu"``, used by the model builders) is
+    ``0.5 * x * erfc(-x / sqrt(2))`` in TensorFlow; tf2onnx 1.17 has no
+    converter for ``Erfc`` and writes a graph onnxruntime rejects ("No Op
+    registered for Erfc"). ONNX has ``Erf`` (opset 9+).
+    """
+    from tf2onnx import constants
+    from tf2onnx import utils
+    from tf2onnx.handler import tf_op
+
+    opsets = tf_op.get_opsets().get(constants.ONNX_DOMAIN, [])
+    if any("Erfc" in handlers for handlers in opsets):
+        return
+
+    @tf_op("Erfc")
+    class _Erfc:
+        @classmethod
+        def version_9(cls, ctx, node, **kwargs):
+            node.type = "Erf"
+            dtype = ctx.get_dtype(node.output[0])
+            one = ctx.make_const(
+                utils.make_name("erfc_one"),
+                np.array(1, dtype=utils.map_onnx_to_numpy_type(dtype)),
+            )
+            sub = ctx.insert_new_node_on_output(
+                "Sub",
+                node.output[0],
+                name=utils.make_name(node.name),
+                inputs=[one.output[0], node.output[0]],
+            )
+            ctx.copy_shape(node.output[0], sub.output[0])
+            ctx.set_dtype(sub.output[0], dtype)
+
+
+def _onnx_runner(model, path, arrays):
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(f"Running ONNX models needs {_EXTRA}.") from e
+    _register_tf2onnx_erfc()
+    model.export(path, format="onnx", verbose=False)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    if len(names) == 1:
+        feeds = {names[0]: arrays[0]}
+    else:
+        feeds = {t.name: a for t, a in zip(model.inputs, arrays)}
+    return lambda: session.run(None, feeds)[0]
+
+
+_RUNNERS = {
+    "keras": _keras_runner,
+    "tf_saved_model": _saved_model_runner,
+    "litert": _litert_runner,
+    "litert_dynamic_range": lambda m, p, a: _litert_runner(m, p, a, quantize=True),
+    "onnx": _onnx_runner,
+}
+
+
+def export_all(
+    model: keras.Model,
+    directory: str,
+    inputs,
+    formats: Sequence[str] = FORMATS,
+    repeats: int = 20,
+) -> list[ExportResult]:
+    """Exports `model` to each format, runs it there and compares with Keras.
+
+    Every file is loaded back in its own runtime: Keras, TensorFlow
+    (`tf.saved_model.load`), the LiteRT interpreter of ``ai-edge-litert`` and
+    ``onnxruntime``. LiteRT files are converted with builtin ops only (no
+    Flex/Select-TF ops), so they run with the plain LiteRT runtime; the
+    ``litert_dynamic_range`` variant stores large weight matrices as int8.
+    The SavedModel keeps the closed-form MultiMax gradients and reloads
+    without keras_multimax; the ``.keras`` file needs ``import
+    keras_multimax`` before `keras.saving.load_model`.
+
+    Example:
+
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from keras_multimax import layers
+    >>> model = keras.Sequential([keras.Input((5,)), layers.MultiMax()])
+    >>> x = np.random.default_rng(0).normal(size=(2, 5)).astype("float32")
+    >>> results = export_all(
+    ...     model, tempfile.mkdtemp(), x, formats=("keras", "litert"), repeats=1
+    ... )
+    >>> [(r.format, r.max_abs_diff < 1e-6) for r in results]
+    [('keras', True), ('litert', True)]
+
+    Args:
+        model: A built Keras model with one output.
+        directory: Where the files are written (created if missing).
+        inputs: One batch: an array, or a list of arrays in the order of
+            ``model.inputs``.
+        formats: Any of `FORMATS`: ``"keras"``, ``"tf_saved_model"``,
+            ``"litert"``, ``"litert_dynamic_range"``, ``"onnx"``.
+        repeats: Timed calls per format (the median is reported).
+
+    Returns:
+        One `ExportResult` per format, in the order of ``formats``.
+
+    Raises:
+        ValueError: For an unknown format, ``repeats < 1`` or a model with
+            several outputs.
+        ImportError: If the runtime of a requested format is not installed
+            (``ai-edge-litert``, ``onnxruntime``/``tf2onnx``).
+
+    Reference:
+        Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
+        Learning", ICML 2024.
+    """
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in _RUNNERS]
+    if unknown or not formats:
+        raise ValueError(
+            f"`formats` must be a non-empty sequence of {FORMATS}. "
+            f"Received: formats={formats}"
+        )
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(
+            f"`repeats` must be an integer >= 1. Received: repeats={repeats!r}"
+        )
+    if len(model.outputs) != 1:
+        raise ValueError(
+            "`export_all` compares a single output. "
+            f"Received: a model with {len(model.outputs)} outputs"
+        )
+    arrays = _as_list(inputs)
+    reference = np.asarray(
+        model(arrays if len(arrays) > 1 else arrays[0], training=False)
+    )
+    os.makedirs(directory, exist_ok=True)
+    results = []
+    for fmt in formats:
+        path = os.path.join(directory, _FILES[fmt])
+        run = _RUNNERS[fmt](model, path, arrays)
+        diff = float(np.max(np.abs(np.asarray(run(), np.float64) - reference)))
+        results.append(
+            ExportResult(fmt, path, _size(path), diff, _median_ms(run, repeats))
+        )
+    return results
+
+
+def format_table(results: Sequence[ExportResult]) -> str:
+    """A Markdown table of `export_all` results.
+
+    Example:
+
+    >>> print(format_table([ExportResult("onnx", "m.onnx", 2048, 3e-8, 0.12)]))
+    | format | file | size | max abs diff to Keras | latency per batch |
+    |---|---|---:|---:|---:|
+    | ONNX (.onnx) | m.onnx | 2.0 KiB | 3.0e-08 | 0.12 ms |
+
+    Args:
+        results: What `export_all` returned.
+
+    Returns:
+        The table as a string, one row per result.
+    """
+    lines = [
+        "| format | file | size | max abs diff to Keras | latency per batch |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in results:
+        size = r.size_bytes / 1024
+        size_text = f"{size:.1f} KiB" if size < 1024 else f"{size / 1024:.2f} MiB"
+        lines.append(
+            f"| {_LABELS[r.format]} | {os.path.basename(r.path)} | {size_text} | "
+            f"{r.max_abs_diff:.1e} | {r.latency_ms:.2f} ms |"
+        )
+    return "\n".join(lines)
