@@ -596,6 +596,6 @@ def plot_simplex(
     ax.plot(*_barycentric(p).T, "r-", lw=2.0, label="MultiMax")
     ax.set_aspect("equal")
     ax.axis("off")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.62, 1.0))
     ax.set_title("v = (1, u, -1), u from -1 to 1", fontsize=9)
     return _save(fig, path)

@@ -491,7 +491,10 @@ def _encode_pairs(sources, targets, src_vocab, tgt_vocab, src_len, tgt_len):
     src = np.stack([src_vocab.encode(s, src_len) for s in sources])
     full = np.stack(
         [
-            tgt_vocab.encode(t, tgt_len + 1, add_start=True, add_end=True)
+            # Truncated so that the end id always fits.
+            tgt_vocab.encode(
+                t[: tgt_len - 1], tgt_len + 1, add_start=True, add_end=True
+            )
             for t in targets
         ]
     )

@@ -1,0 +1,202 @@
+"""Tests of keras_multimax.data: tfds pipelines under mock data, offline defaults."""
+
+import datetime
+import re
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from keras_multimax import data
+
+
+def _first(ds):
+    return next(iter(ds))
+
+
+# ---------------------------------------------------------------------------
+# tfds pipelines (tfds.testing.mock_data: no download, random examples)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))]
+)
+def test_image_pipeline_with_tfds(name, shape, capsys):
+    with tfds.testing.mock_data(num_examples=20):
+        task = data.image_classification(
+            name, batch_size=8, max_train_examples=16, max_test_examples=8
+        )
+    assert task.source == f"tfds:{name}"
+    assert "offline" not in capsys.readouterr().out
+    assert task.info == {
+        "input_shape": shape,
+        "num_classes": 10,
+        "num_train": 16,
+        "num_test": 8,
+    }
+    images, labels = _first(task.train)
+    assert images.shape == (8, *shape) and images.dtype == "float32"
+    assert 0.0 <= float(images.numpy().min()) and float(images.numpy().max()) <= 1.0
+    assert labels.dtype == "int32"
+    assert set(labels.numpy()) <= set(range(10))
+    assert sum(int(b[1].shape[0]) for b in task.train) == 16
+
+
+def test_char_lm_pipeline_with_tfds():
+    with tfds.testing.mock_data(num_examples=2):
+        task = data.char_language_model(
+            "tiny_shakespeare", sequence_length=4, batch_size=2
+        )
+    assert task.source == "tfds:tiny_shakespeare"
+    vocab = task.info["vocabulary"]
+    x, y = _first(task.test)
+    assert x.shape == (2, 4) and y.shape == (2, 4)
+    np.testing.assert_array_equal(x.numpy()[:, 1:], y.numpy()[:, :-1])
+    # Windows are consecutive slices of the text: decoding them gives text.
+    assert all(len(vocab.decode(row)) == 4 for row in x.numpy())
+    assert task.info["vocab_size"] == vocab.size > 4
+
+
+def test_translation_pipeline_with_tfds():
+    with tfds.testing.mock_data(num_examples=6):
+        task = data.translation(
+            "ted_hrlr_translate/pt_to_en",
+            source_length=10,
+            target_length=8,
+            batch_size=3,
+        )
+    assert task.source == "tfds:ted_hrlr_translate/pt_to_en"
+    (src, dec_in), tgt = _first(task.test)
+    assert src.shape == (3, 10) and dec_in.shape == (3, 8) and tgt.shape == (3, 8)
+    dec_in, tgt = dec_in.numpy(), tgt.numpy()
+    np.testing.assert_array_equal(dec_in[:, 0], data.START_ID)
+    np.testing.assert_array_equal(dec_in[:, 1:], tgt[:, :-1])
+    vocab = task.info["target_vocabulary"]
+    for row, text in zip(tgt, task.info["test_targets"]):
+        assert vocab.decode(row) == text[:7]
+    assert len(task.info["test_sources"]) == task.info["num_test"] == 6
+
+
+# ---------------------------------------------------------------------------
+# Offline defaults
+# ---------------------------------------------------------------------------
+
+
+def test_fallback_prints_one_line_and_uses_digits(tmp_path, capsys):
+    task = data.image_classification("mnist", data_dir=str(tmp_path))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    assert "tfds dataset 'mnist' is not available" in lines[0]
+    assert "offline default: scikit-learn handwritten digits" in lines[0]
+    assert task.source == "offline:sklearn-digits"
+
+
+def test_digits_are_the_sklearn_digits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    task = data.image_classification("digits", batch_size=2000, seed=3)
+    assert (task.info["num_train"], task.info["num_test"]) == (1438, 359)
+    train_x, train_y = (t.numpy() for t in _first(task.train))
+    test_x, test_y = (t.numpy() for t in _first(task.test))
+    images = np.concatenate([train_x, test_x])[..., 0]
+    labels = np.concatenate([train_y, test_y])
+    # Same images (scaled to [0, 1]) and labels, as a set, none repeated.
+    key = lambda im, lab: (int(lab), tuple(np.round(im.ravel() * 16).astype(int)))  # noqa: E731
+    ours = sorted(key(i, lab) for i, lab in zip(images, labels))
+    theirs = sorted(key(i / 16, lab) for i, lab in zip(digits.images, digits.target))
+    assert ours == theirs
+    assert images.min() == 0.0 and images.max() == 1.0
+
+
+def test_pydoc_text_windows(tmp_path, capsys):
+    from pydoc_data import topics
+
+    task = data.char_language_model(
+        "tiny_shakespeare", sequence_length=32, batch_size=4, data_dir=str(tmp_path)
+    )
+    assert "offline default: English text of CPython's pydoc_data.topics" in (
+        capsys.readouterr().out
+    )
+    assert task.source == "offline:pydoc_data.topics"
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    vocab = task.info["vocabulary"]
+    x, _ = _first(
+        data.char_language_model("pydoc", sequence_length=32)
+        .train.unbatch()
+        .batch(10**6)
+    )
+    # Every window is a slice of the text (shuffled order).
+    windows = [vocab.decode(row) for row in x.numpy()[:20]]
+    assert all(w in text for w in windows)
+    assert task.info["num_train"] == (int(0.9 * len(text)) - 1) // 32
+
+
+def test_date_translation_pairs_are_correct_dates():
+    sources, targets = data.date_translation_pairs(3000, seed=0)
+    months = [datetime.date(2000, m, 1).strftime("%B") for m in range(1, 13)]
+    forms = set()
+    for source, target in zip(sources, targets):
+        d = datetime.date.fromisoformat(target)
+        assert 1900 <= d.year <= 2099
+        assert str(d.year) in source
+        low = source.lower()
+        assert (
+            months[d.month - 1][:3].lower() in low
+            or re.search(rf"\b0?{d.month}\.{d.year}\b", source) is not None
+        ), source
+        assert re.search(rf"(?<!\d)0?{d.day}(?!\d)", source.replace(str(d.year), "")), (
+            source
+        )
+        for weekday in ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday",
+                        "Saturday", "Sunday"):  # fmt: skip
+            if weekday[:3] in source:
+                assert d.strftime("%A").startswith(weekday[:3]), source
+        forms.add(re.sub(r"[0-9]+", "9", re.sub(r"[A-Za-z]+", "A", source)))
+    assert len(set(sources)) > 2900
+    assert len(forms) >= 8  # many surface forms
+
+
+def test_date_translation_task(capsys):
+    task = data.translation("dates", num_date_examples=(200, 50), batch_size=50)
+    assert capsys.readouterr().out == ""  # asked for directly: no fallback line
+    assert task.source == "offline:dates"
+    (src, dec_in), tgt = _first(task.test)
+    src_vocab = task.info["source_vocabulary"]
+    tgt_vocab = task.info["target_vocabulary"]
+    assert [src_vocab.decode(s) for s in src.numpy()] == task.info["test_sources"]
+    assert [tgt_vocab.decode(t) for t in tgt.numpy()] == task.info["test_targets"]
+    # Targets: 10 characters, then the end id.
+    np.testing.assert_array_equal(tgt.numpy()[:, 10], data.END_ID)
+    assert set(tgt_vocab.chars) <= set("0123456789-")
+
+
+def test_char_vocabulary():
+    vocab = data.CharVocabulary.from_texts(["hello", "world"])
+    assert vocab.chars == sorted(set("helloworld"))
+    ids = vocab.encode("low!", length=7, add_start=True, add_end=True)
+    assert ids.tolist()[:1] == [data.START_ID] and ids.tolist()[-1:] == [0]
+    assert ids[4] == data.UNK_ID and ids[5] == data.END_ID
+    assert vocab.decode(ids) == "low?"
+    with pytest.raises(ValueError, match="repeat"):
+        data.CharVocabulary(["a", "a"])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: data.image_classification("imagenet"), "name='imagenet'"),
+        (lambda: data.image_classification("digits", batch_size=0), "batch_size=0"),
+        (lambda: data.char_language_model("wiki"), "name='wiki'"),
+        (
+            lambda: data.char_language_model("pydoc", sequence_length=-1),
+            "sequence_length=-1",
+        ),
+        (lambda: data.translation("wmt14"), "name='wmt14'"),
+        (lambda: data.date_translation_pairs(0), "num_examples=0"),
+    ],
+)
+def test_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
