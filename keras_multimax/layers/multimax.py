@@ -54,7 +54,12 @@ class MultiMax(ModulatorParameters, keras.layers.Layer):
         mask: Optional boolean mask broadcastable to ``inputs`` (True keeps an
             entry). Masked entries get exactly zero probability, a fully
             masked slice gives zeros. A Keras mask is used when no explicit
-            ``mask`` is given.
+            ``mask`` is given. As in `keras.layers.Softmax`, a mask of lower
+            rank broadcasts from the *right*: a ``(B, T)`` timestep mask fits
+            ``(B, T)`` scores, but for ``(B, T, C)`` inputs expand it to
+            ``(B, T, 1)`` first (or use `keras_multimax.convert.
+            ActivationMultiMax`, which ignores Keras masks like
+            ``Dense(activation="softmax")``).
 
     Returns:
         Probabilities with the shape of ``inputs``.
