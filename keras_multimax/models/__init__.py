@@ -7,7 +7,7 @@ weight decay and a ``from_logits`` loss, and ``attention_maps(inputs)`` returns
 every layer's attention probabilities (see `keras_multimax.analysis`).
 """
 
-from keras_multimax.models._blocks import NO_DECAY_PATTERNS
+from keras_multimax.models._blocks import NO_DECAY_NAMES
 from keras_multimax.models._blocks import PositionEmbedding
 from keras_multimax.models._blocks import exclude_modulator_from_weight_decay
 from keras_multimax.models._blocks import masked_token_accuracy
@@ -19,7 +19,7 @@ from keras_multimax.models.vit import ViTClassifier
 from keras_multimax.models.vit import vit_classifier
 
 __all__ = [
-    "NO_DECAY_PATTERNS",
+    "NO_DECAY_NAMES",
     "PositionEmbedding",
     "TransformerLM",
     "TransformerTranslator",

@@ -13,13 +13,13 @@ from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 ATTENTIONS = ("multimax", "softmax")
 HEADS = ("multimax", "softmax")
 
-# Variable names kept out of weight decay: the MultiMax modulator, plus biases
-# and LayerNormalization scales/offsets as in DeiT/timm. The optimizer matches
-# `variable.name`, which is "ts" for the Keras variable but the full path
-# "block/attention/ts:0" for the tf.Variable seen inside `fit`: match both.
-NO_DECAY_PATTERNS = tuple(
-    rf"(^|/){name}(:\d+)?$" for name in ("ranges", "ts", "bias", "gamma", "beta")
-)
+# Variables kept out of weight decay: the MultiMax modulator, plus biases and
+# LayerNormalization scales/offsets as in DeiT/timm. They are passed to the
+# optimizer as a `var_list` (exact variables): `var_names` patterns are
+# searched in `variable.name`, which is "ts" for the Keras variable but the
+# full path "block/attention/ts:0" for the tf.Variable seen inside `fit`, so
+# "^ts$" misses and "ts" also hits e.g. "outputs/kernel".
+NO_DECAY_NAMES = ("ranges", "ts", "bias", "gamma", "beta")
 
 
 def validate_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -282,7 +282,7 @@ class CompileMixin:
         weight_decay)``. For any AdamW (or optimizer with ``weight_decay``)
         not yet built and without its own exclusions, the MultiMax ``ranges``
         and ``ts`` (and biases, LayerNormalization ``gamma``/``beta``) are
-        excluded from weight decay by variable name. ``loss="auto"`` is
+        excluded from weight decay (passed as ``var_list``). ``loss="auto"`` is
         sparse categorical cross-entropy on the logits (``from_logits=True``;
         padding id 0 ignored for the translator); ``metrics="auto"`` is token
         or class accuracy. Other arguments go to `keras.Model.compile`.
@@ -292,7 +292,7 @@ class CompileMixin:
                 learning_rate=learning_rate, weight_decay=weight_decay
             )
         optimizer = keras.optimizers.get(optimizer)
-        exclude_modulator_from_weight_decay(optimizer)
+        exclude_modulator_from_weight_decay(optimizer, self)
         if loss == "auto":
             loss = keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, ignore_class=self._ignore_class
@@ -309,11 +309,15 @@ class CompileMixin:
             self.optimizer.build(self.trainable_variables)
 
 
-def exclude_modulator_from_weight_decay(optimizer: keras.optimizers.Optimizer) -> bool:
-    """Excludes ranges/ts (and biases, norms) from `optimizer`'s weight decay.
+def exclude_modulator_from_weight_decay(
+    optimizer: keras.optimizers.Optimizer, model: keras.Model
+) -> bool:
+    """Excludes `model`'s ranges/ts (and biases, norms) from weight decay.
 
-    Does nothing (returns False) when the optimizer has no weight decay, is
-    already built, or the user configured exclusions.
+    The variables are passed by identity
+    (``optimizer.exclude_from_weight_decay(var_list=...)``). Does nothing
+    (returns False) when the optimizer has no weight decay, is already built,
+    or already has exclusions configured by the user.
     """
     if not getattr(optimizer, "weight_decay", None) or optimizer.built:
         return False
@@ -321,5 +325,7 @@ def exclude_modulator_from_weight_decay(optimizer: keras.optimizers.Optimizer) -
         optimizer, "_exclude_from_weight_decay_pattern", None
     ):
         return False
-    optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_PATTERNS))
+    optimizer.exclude_from_weight_decay(
+        var_list=[v for v in model.trainable_variables if v.name in NO_DECAY_NAMES]
+    )
     return True
