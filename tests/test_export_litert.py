@@ -136,3 +136,29 @@ def test_litert_dynamic_range_quantized(tmp_path):
         f"float32 {float_size} bytes, dynamic-range {quant_size} bytes, "
         f"max abs diff {error:.2e}"
     )
+
+
+class _Determinant(keras.layers.Layer):
+    """Needs the Flex delegate in LiteRT (no builtin MatrixDeterminant)."""
+
+    def call(self, x):
+        return tf.linalg.det(tf.reshape(x, (-1, 2, 2)))
+
+
+@pytest.mark.slow
+def test_litert_checks_catch_select_tf_ops(tmp_path):
+    # Controls for the two checks above: a Flex op fails the strict
+    # conversion and shows up in the operator table of a default conversion.
+    x = keras.Input((4,))
+    model = keras.Model(x, _Determinant()(x))
+    model(np.ones((1, 4), "float32"))
+    with pytest.raises(Exception, match="MatrixDeterminant. op is neither a custom op"):
+        model.export(
+            str(tmp_path / "strict.tflite"),
+            format="litert",
+            verbose=False,
+            target_spec=BUILTINS_ONLY,
+        )
+    path = str(tmp_path / "default.tflite")
+    model.export(path, format="litert", verbose=False)  # Keras allows Select ops
+    assert "CUSTOM:FlexMatrixDeterminant" in operator_names(path)
