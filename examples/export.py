@@ -18,7 +18,8 @@ runs each in its own runtime on one test batch and prints a table: format,
 file size, largest absolute difference to the Keras logits, median latency
 per batch. The table also goes to ``<output-dir>/export_results.md``. Exits
 with an error if a float32 export differs from Keras by more than 1e-4
-(logits; kernels sum in different orders) or the int8 one by more than 0.25 (measured 0.07).
+(logits; kernels sum in different orders) or the int8 one by more than 0.25
+(0.07 measured).
 
 About a minute on 2 CPU cores; ``--smoke`` runs a seconds-long version.
 """
