@@ -105,3 +105,34 @@ def test_two_workers_fit_equals_single_process(tmp_path):
             workers[0][path], expected, atol=ATOL, rtol=RTOL, err_msg=path
         )
     keras.backend.clear_session()
+
+
+@pytest.mark.slow
+def test_example_runs_a_local_two_worker_job(tmp_path):
+    example = os.path.join(
+        os.path.dirname(common.WORKERS_DIR),
+        os.pardir,
+        "examples",
+        "train_distributed.py",
+    )
+    cmd = [sys.executable, example, "--local-workers", "2", "--epochs", "1"]
+    cmd += ["--output-dir", str(tmp_path), "--timeout", str(TIMEOUT)]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=common.worker_env(),
+        timeout=TIMEOUT + 30,
+    )
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MultiWorkerMirroredStrategy, 2 replica(s)" in proc.stdout
+    assert "worker exit codes: [0, 0]" in proc.stdout
+    # Both workers report the same training loss: one job, not two.
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("worker ")]
+    losses = {line.split(":", 1)[1] for line in lines if "loss" in line}
+    assert len(lines) >= 2 and len(losses) == 1, lines
+    results = common.read_json(tmp_path / "results.json")
+    assert results["replicas"] == 2
+    assert np.all(np.isfinite(results["loss"]))
+    assert (tmp_path / "saved_model" / "saved_model.pb").exists()

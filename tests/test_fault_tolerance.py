@@ -149,7 +149,7 @@ def test_var_names_patterns_are_searched_in_tf_variable_paths():
     re.search against the tf.Variable's name, e.g. ``"logits/kernel:0"``:
     ``["ranges", "ts"]`` also exempts every weight of a layer whose name
     contains "ts" (here "logits"), and anchored ``["^ranges$", "^ts$"]``
-    exempts nothing. Hence the README recommends ``var_list``."""
+    exempts nothing. ``var_list``, or path-aware patterns, match exactly."""
     keras.utils.set_random_seed(5)
     inputs = keras.Input((4,))
     logits = keras.layers.Dense(3, name="logits")(inputs)
@@ -157,6 +157,11 @@ def test_var_names_patterns_are_searched_in_tf_variable_paths():
     for var_names, decayed in (
         (["ranges", "ts"], {"logits/kernel": False, "seglu/ranges": False}),
         (["^ranges$", "^ts$"], {"logits/kernel": True, "seglu/ranges": True}),
+        # Path-aware patterns (as models.NO_DECAY_PATTERNS) match exactly.
+        (
+            [r"(^|/)ranges(:\d+)?$", r"(^|/)ts(:\d+)?$"],
+            {"logits/kernel": True, "seglu/ranges": False, "seglu/ts": False},
+        ),
     ):
         model.set_weights([w + 0.5 for w in model.get_weights()])
         optimizer = _decaying_adamw()
