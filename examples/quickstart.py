@@ -58,7 +58,13 @@ def parse_args(argv=None):
         "--dataset",
         choices=("auto", "mnist", "digits"),
         default="auto",
-        help="auto: tfds MNIST if it is prepared locally, else sklearn digits",
+        help="auto: tfds MNIST if it is prepared locally (or --download), "
+        "else sklearn digits",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="let tensorflow-datasets download MNIST if it is missing",
     )
     parser.add_argument("--epochs", type=int, default=None, help="training epochs")
     parser.add_argument("--seed", type=int, default=0)
@@ -78,6 +84,7 @@ def load_data(args):
         batch_size=64,
         max_train_examples=limits[0],
         max_test_examples=limits[1],
+        download=args.download,
         seed=args.seed,
     )
     # 8x8 digits in 2x2 patches, 28x28 MNIST in 7x7 patches: 16 tokens each.

@@ -81,6 +81,12 @@ def parse_args(argv=None):
         help="tasks to run (default: all)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny, fast run")
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="let tensorflow-datasets download mnist, tiny_shakespeare and "
+        "ted_hrlr_translate if missing (default: use them only if prepared)",
+    )
     return parser.parse_args(argv)
 
 
@@ -99,13 +105,14 @@ def _attention(model, inputs):
     )
 
 
-def run_image(kind, seed, smoke):
+def run_image(kind, seed, smoke, download=False):
     cfg = CONFIG["image"]
     task = data.image_classification(
         "mnist",
         batch_size=64,
         max_train_examples=256 if smoke else 6000,
         max_test_examples=128 if smoke else 1000,
+        download=download,
         seed=seed,
     )
     patch_size = 2 if task.info["input_shape"][0] == 8 else 7
@@ -131,7 +138,7 @@ def run_image(kind, seed, smoke):
     }
 
 
-def run_lm(kind, seed, smoke):
+def run_lm(kind, seed, smoke, download=False):
     cfg = CONFIG["lm"]
     task = data.char_language_model(
         "tiny_shakespeare",
@@ -139,6 +146,7 @@ def run_lm(kind, seed, smoke):
         batch_size=32,
         max_train_sequences=128 if smoke else cfg["train_sequences"],
         max_test_sequences=64 if smoke else cfg["test_sequences"],
+        download=download,
         seed=seed,
     )
     keras.utils.set_random_seed(seed)
@@ -174,7 +182,7 @@ def exact_match(model, task) -> float:
     return hits / total
 
 
-def run_translation(kind, seed, smoke):
+def run_translation(kind, seed, smoke, download=False):
     cfg = CONFIG["translation"]
     task = data.translation(
         "ted_hrlr_translate/pt_to_en",
@@ -184,6 +192,7 @@ def run_translation(kind, seed, smoke):
         else (cfg["train_pairs"], cfg["test_pairs"]),
         max_train_examples=256 if smoke else cfg["train_pairs"],
         max_test_examples=64 if smoke else cfg["test_pairs"],
+        download=download,
         seed=seed,
     )
     keras.utils.set_random_seed(seed)
@@ -286,7 +295,7 @@ def main(argv=None):
         for seed in args.seeds:
             for kind in KINDS:
                 print(f"\n== {NAMES[task]}: {kind}, seed {seed} ==", flush=True)
-                source, row = runner(kind, seed, args.smoke)
+                source, row = runner(kind, seed, args.smoke, args.download)
                 print(f"   {row}", flush=True)
                 per_kind[kind].append(row)
         results[task] = (source, per_kind)
