@@ -155,6 +155,17 @@ def print_table(rows):
             f"| {r['model']} | {r['accuracy']:.4f} | {r['sparsity']:.3f} | "
             f"{r['multimodality']:.3f} | {r['step_ms']:.1f} | {r['params']:,} |"
         )
+    lines += [
+        "",
+        "| layer | SoftMax sparsity | MultiMax sparsity | SoftMax multi-modality "
+        "| MultiMax multi-modality |",
+        "|---|---|---|---|---|",
+    ]
+    for soft, multi in zip(rows[0]["per_layer"], rows[1]["per_layer"]):
+        lines.append(
+            f"| {soft['layer']} | {soft['sparsity']:.3f} | {multi['sparsity']:.3f} | "
+            f"{soft['multimodality']:.3f} | {multi['multimodality']:.3f} |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     return table

@@ -49,7 +49,7 @@ def test_quickstart_smoke_run(tmp_path):
         assert 0.0 <= float(accuracy) <= 1.0
         assert 0.0 <= float(sparsity) <= 1.0 and 0.0 <= float(modality) <= 1.0
         assert float(step_ms) > 0.0
-    assert (out / "results.md").read_text().count("\n") == 4
+    assert (out / "results.md").read_text().count("\n") == 8  # 2 tables, 1 layer
 
     # Plots and exported models.
     for name in ("modulators.png", "attention_maps.png", "simplex.png"):
