@@ -86,6 +86,10 @@ def split_cpu(num: int = 2) -> str:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        # TensorFloat-32 matmuls (Ampere and later) round to 10 bits: the
+        # equality checks against single-device runs need real float32.
+        tf.config.experimental.enable_tensor_float_32_execution(False)
     if len(gpus) >= 2:
         return f"using the {len(gpus)} visible GPUs"
     cpu = tf.config.list_physical_devices("CPU")[0]
