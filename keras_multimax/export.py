@@ -214,9 +214,10 @@ def export_all(
     >>> from keras_multimax import layers
     >>> model = keras.Sequential([keras.Input((5,)), layers.MultiMax()])
     >>> x = np.random.default_rng(0).normal(size=(2, 5)).astype("float32")
-    >>> results = export_all(
-    ...     model, tempfile.mkdtemp(), x, formats=("keras", "litert"), repeats=1
-    ... )
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     results = export_all(
+    ...         model, directory, x, formats=("keras", "litert"), repeats=1
+    ...     )
     >>> [(r.format, r.max_abs_diff < 1e-6) for r in results]
     [('keras', True), ('litert', True)]
 
