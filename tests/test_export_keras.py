@@ -1,4 +1,4 @@
-"""`.keras` files load in a fresh process that only imported keras_multimax."""
+"""`.keras` files load in a fresh process after `import keras_multimax` (and not before)."""
 
 import json
 
@@ -14,10 +14,19 @@ CHILD = """
 import json, sys
 import numpy as np
 import keras
+
+names = json.load(open("names.json"))
+# Control: before `import keras_multimax` the layers are unknown to Keras.
+try:
+    keras.saving.load_model(f"{names[0]}.keras")
+    raise AssertionError("loaded without keras_multimax")
+except (TypeError, ValueError):
+    assert "keras_multimax" not in sys.modules
+print("control failed-without-import")
+
 import keras_multimax  # the only project import: it registers the layers
 
-assert "tests" not in sys.modules
-names = json.load(open("names.json"))
+assert "export_models" not in sys.modules
 for name in names:
     model = keras.saving.load_model(f"{name}.keras")
     data = np.load(f"{name}.npz")
@@ -63,7 +72,9 @@ def test_keras_file_loads_in_fresh_process(tmp_path):
 
     stdout = run_fresh_python(CHILD, cwd=str(tmp_path))
 
-    lines = dict(line.split(" ", 1) for line in stdout.strip().splitlines())
+    control, *rows = stdout.strip().splitlines()
+    assert control == "control failed-without-import"
+    lines = dict(line.split(" ", 1) for line in rows)
     assert set(lines) == set(MODELS)
     for name, rest in lines.items():
         kinds, shape = rest.split(" ", 1)
