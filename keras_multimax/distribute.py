@@ -8,7 +8,7 @@ import os
 
 import tensorflow as tf
 
-__all__ = ["choose_strategy", "tpu_reachable"]
+__all__ = ["choose_strategy", "multi_worker_strategy", "tpu_reachable"]
 
 _PREFERENCES = ("auto", "tpu", "multi_worker", "gpus", "cpu")
 
@@ -99,6 +99,32 @@ def _reduce_nests(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:
     return strategy
 
 
+def multi_worker_strategy(**kwargs) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """A `tf.distribute.MultiWorkerMirroredStrategy` that Keras 3's `fit` can use.
+
+    Same arguments as `tf.distribute.MultiWorkerMirroredStrategy`
+    (``cluster_resolver``, ``communication_options``); the cluster comes from
+    ``TF_CONFIG`` by default. Keras 3 (up to at least 3.15) calls
+    ``strategy.reduce`` with a nested ``(x, y)`` batch and with ``axis=0`` on
+    scalar losses, which this strategy rejects (keras-team/keras#20585); the
+    returned strategy reduces such values leaf by leaf, across replicas.
+
+    Example (one process per worker, each with its own ``TF_CONFIG``):
+
+    ```python
+    strategy = multi_worker_strategy()
+    with strategy.scope():
+        model = build_model()
+        model.compile(...)
+    model.fit(dataset_batched_with_the_global_batch_size)
+    ```
+
+    Returns:
+        The strategy. Create it before any other TensorFlow operation.
+    """
+    return _reduce_nests(tf.distribute.MultiWorkerMirroredStrategy(**kwargs))
+
+
 def choose_strategy(
     preference: str = "auto", tpu: str | None = None
 ) -> tf.distribute.Strategy:
@@ -141,7 +167,7 @@ def choose_strategy(
             raise RuntimeError(f"`preference='tpu'` but {reason}.")
     if preference in ("auto", "multi_worker"):
         if _tf_config_workers() > 1:
-            return _reduce_nests(tf.distribute.MultiWorkerMirroredStrategy())
+            return multi_worker_strategy()
         if preference == "multi_worker":
             raise RuntimeError(
                 "`preference='multi_worker'` needs a TF_CONFIG environment "
