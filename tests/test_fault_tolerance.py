@@ -212,7 +212,7 @@ def test_var_names_patterns_are_searched_in_tf_variable_paths():
     for var_names, decayed in (
         (["ranges", "ts"], {"logits/kernel": False, "seglu/ranges": False}),
         (["^ranges$", "^ts$"], {"logits/kernel": True, "seglu/ranges": True}),
-        # Path-aware patterns (as models.NO_DECAY_PATTERNS) match exactly.
+        # Patterns anchored on path segments and the ":0" suffix match exactly.
         (
             [r"(^|/)ranges(:\d+)?$", r"(^|/)ts(:\d+)?$"],
             {"logits/kernel": True, "seglu/ranges": False, "seglu/ts": False},
