@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+TensorLike = tf.types.experimental.TensorLike
+
 __all__ = ["multimax", "seglu"]
 
 # Inputs in these dtypes are computed in float32 and returned in their own
@@ -71,27 +73,31 @@ def _check_parameters(x: tf.Tensor, ranges: tf.Tensor, ts: tf.Tensor) -> int:
             "`ranges` and `ts` must have the same shape. "
             f"Received: ranges.shape={ranges.shape}, ts.shape={ts.shape}"
         )
+    if x.shape.rank is None:
+        raise ValueError(
+            "`x` must have a known rank (the gradients are reduced over the "
+            f"axes that `ranges`/`ts` broadcast). Received: x.shape={x.shape}"
+        )
     lead = ranges.shape[:-1]
     if not lead.is_fully_defined():
         raise ValueError(
             "The leading dimensions of `ranges` and `ts` must be static. "
             f"Received: ranges.shape={ranges.shape}"
         )
-    if x.shape.rank is not None:
-        if lead.rank > x.shape.rank:
-            raise ValueError(
-                "The leading dimensions of `ranges`/`ts` broadcast against "
-                "`x` from the right and cannot have more dimensions than `x`. "
-                f"Received: x.shape={x.shape}, ranges.shape={ranges.shape}"
-            )
-        try:
-            tf.broadcast_static_shape(x.shape, lead)
-        except ValueError:
-            raise ValueError(
-                "The leading dimensions of `ranges`/`ts` must broadcast "
-                f"against `x`. Received: x.shape={x.shape}, "
-                f"ranges.shape={ranges.shape}"
-            ) from None
+    if lead.rank > x.shape.rank:
+        raise ValueError(
+            "The leading dimensions of `ranges`/`ts` broadcast against "
+            "`x` from the right and cannot have more dimensions than `x`. "
+            f"Received: x.shape={x.shape}, ranges.shape={ranges.shape}"
+        )
+    try:
+        tf.broadcast_static_shape(x.shape, lead)
+    except ValueError:
+        raise ValueError(
+            "The leading dimensions of `ranges`/`ts` must broadcast "
+            f"against `x`. Received: x.shape={x.shape}, "
+            f"ranges.shape={ranges.shape}"
+        ) from None
     return n // 2
 
 
@@ -205,6 +211,24 @@ def _sum_to_shape(value: tf.Tensor, shape: tf.TensorShape) -> tf.Tensor:
     return tf.reshape(value, shape)
 
 
+def _sum_to_input_shape(grad: tf.Tensor, x_shape: tf.TensorShape, shape) -> tf.Tensor:
+    """Sums the gradient of x over the axes where the parameters broadcast x up."""
+    offset = x_shape.rank - shape.rank
+    axes = [
+        offset + i for i, d in enumerate(shape) if d != 1 and x_shape[offset + i] == 1
+    ]
+    return tf.reduce_sum(grad, axis=axes, keepdims=True) if axes else grad
+
+
+def _keep(x: tf.Tensor, mask) -> tf.Tensor:
+    """Replaces masked entries by 0 before σ sees them.
+
+    Their values (padding, -inf, NaN, 1e30) must not reach the partial
+    derivatives, where 0·inf would turn the sums for `ranges`/`ts` into NaN.
+    """
+    return x if mask is None else tf.where(mask, x, tf.zeros_like(x))
+
+
 def _parameter_gradients(gs, x, r, t, shape):
     """Gradients of x, ranges and ts given gs = ∂L/∂σ (in the compute dtype)."""
     d_ranges, d_ts = [], []
@@ -214,6 +238,7 @@ def _parameter_gradients(gs, x, r, t, shape):
         grad_x = grad_x - u
         d_ranges.append(_sum_to_shape(u, shape))
         d_ts.append(_sum_to_shape(gs * d_sigma_d_t, shape))
+    grad_x = _sum_to_input_shape(grad_x, x.shape, shape)
     return grad_x, tf.stack(d_ranges, axis=-1), tf.stack(d_ts, axis=-1)
 
 
@@ -225,7 +250,7 @@ def _prepare(x, ranges, ts):
     return x, ranges, ts
 
 
-def seglu(x, ranges, ts) -> tf.Tensor:
+def seglu(x: TensorLike, ranges: TensorLike, ts: TensorLike) -> tf.Tensor:
     r"""The MultiMax modulator σ (a piece-wise "SegLU" of order K).
 
     Formula:
@@ -296,11 +321,11 @@ def _seglu(x, ranges, ts):
 
 
 def multimax(
-    x,
-    ranges,
-    ts,
+    x: TensorLike,
+    ranges: TensorLike,
+    ts: TensorLike,
     axis: int | Sequence[int] = -1,
-    mask=None,
+    mask: TensorLike | None = None,
 ) -> tf.Tensor:
     r"""MultiMax: SoftMax of the piece-wise modulated input.
 
@@ -359,11 +384,11 @@ def _multimax(x, ranges, ts, axes, mask):
     dtype = x.dtype
     compute = _compute_dtype(dtype)
     shape = ranges.shape[:-1]
-    largest = compute.max
+    largest, lowest = compute.max, compute.min
 
     @tf.custom_gradient
     def fn(x_, ranges_, ts_):
-        xc = tf.cast(x_, compute)
+        xc = _keep(tf.cast(x_, compute), mask)
         r = _unstack_parameters(ranges_, compute)
         t = _unstack_parameters(ts_, compute)
         # An overflowing σ (+inf) would turn into inf - inf = NaN below.
@@ -372,14 +397,12 @@ def _multimax(x, ranges, ts, axes, mask):
             z = z - tf.reduce_max(z, axis=axes, keepdims=True)
             e = tf.exp(z)
         else:
-            z_max = tf.reduce_max(
-                tf.where(mask, z, tf.cast(-float("inf"), compute)),
-                axis=axes,
-                keepdims=True,
-            )
-            # A fully masked slice has max -inf; any finite shift will do.
-            z_max = tf.where(tf.math.is_finite(z_max), z_max, tf.zeros_like(z_max))
-            e = tf.where(mask, tf.exp(z - z_max), tf.zeros_like(z))
+            # Finite fills only: exporters that lower `where` to mul/add
+            # (tf2onnx) turn 0·inf into NaN. exp(...) <= 1 here, so the mask
+            # product is exact and a fully masked slice sums to 0.
+            z = tf.where(mask, z, lowest)
+            e = tf.exp(z - tf.reduce_max(z, axis=axes, keepdims=True))
+            e = e * tf.cast(mask, compute)
         total = tf.reduce_sum(e, axis=axes, keepdims=True)
         if mask is not None:
             total = tf.where(total > 0, total, tf.ones_like(total))
@@ -390,7 +413,7 @@ def _multimax(x, ranges, ts, axes, mask):
             # Softmax backward; y = 0 at masked entries, so they get 0.
             gs = y * (dy - tf.reduce_sum(dy * y, axis=axes, keepdims=True))
             # Recast rather than keep a float32 copy of a float16 input alive.
-            xg = tf.cast(x_, compute)
+            xg = _keep(tf.cast(x_, compute), mask)
             gx, gr, gt = _parameter_gradients(gs, xg, r, t, shape)
             return (
                 tf.cast(gx, x_.dtype),

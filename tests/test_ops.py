@@ -34,8 +34,8 @@ def _values_and_gradients(x, ranges, ts, upstream, axis=-1, mask=None):
     return fn
 
 
-def plain_multimax(x, ranges, ts, axis=-1, mask=None):
-    """The formula written with plain TF ops, differentiated by autodiff."""
+def plain_seglu(x, ranges, ts):
+    """The modulator written with plain TF ops, differentiated by autodiff."""
     sigma = x
     for k in range(ts.shape[-1] // 2):
         sigma = (
@@ -43,6 +43,12 @@ def plain_multimax(x, ranges, ts, axis=-1, mask=None):
             + ts[..., 2 * k] * tf.nn.relu(ranges[..., 2 * k] - x) ** (k + 1)
             + ts[..., 2 * k + 1] * tf.nn.relu(x - ranges[..., 2 * k + 1]) ** (k + 1)
         )
+    return sigma
+
+
+def plain_multimax(x, ranges, ts, axis=-1, mask=None):
+    """MultiMax written with plain TF ops, differentiated by autodiff."""
+    sigma = plain_seglu(x, ranges, ts)
     if mask is None:
         return tf.exp(sigma - tf.reduce_logsumexp(sigma, axis=axis, keepdims=True))
     sigma = tf.where(mask, sigma, -np.inf)
@@ -166,6 +172,7 @@ def test_numerical_gradient_seglu_float64(order):
         ((2, 3, 5, 6), (3, 1, 1, 4), -1, True),  # per-head parameters
         ((2, 3, 5, 6), (4,), (2, 3), True),
         ((2, 3, 5, 6), (3, 5, 1, 6), (1, 3), False),
+        ((2, 1, 5, 6), (3, 1, 1, 4), -1, True),  # parameters broadcast x up
     ],
 )
 def test_gradient_equals_autodiff_of_plain_formula(
@@ -271,6 +278,61 @@ def test_masks_give_exact_zeros_and_no_nan(sign, mode):
     )
 
 
+@pytest.mark.parametrize("fill", [-np.inf, np.inf, np.nan, -1e30, 1e30, -1e13])
+@pytest.mark.parametrize("order", [2, 3])
+def test_masked_values_never_reach_the_gradients(fill, order):
+    """Padding values under the mask (-inf, NaN, 1e30) change nothing."""
+    rng = np.random.default_rng(order)
+    x = rng.normal(size=(3, 6))
+    mask = np.ones((3, 6), bool)
+    mask[:, 2] = mask[1, 4] = False
+    ranges = tf.constant(rng.uniform(-1, 1, 2 * order))
+    ts = tf.constant(rng.uniform(-0.5, 0.5, 2 * order))
+    upstream = tf.constant(rng.normal(size=(3, 6)))
+
+    def gradients(fn, x):
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch([x, ranges, ts])
+            y = fn(x, ranges, ts, mask=mask)
+            loss = tf.reduce_sum(y * upstream)
+        return [y, *tape.gradient(loss, [x, ranges, ts])]
+
+    padded = np.where(mask, x, fill)
+    ours = gradients(ops.multimax, padded)
+    plain = gradients(plain_multimax, x)  # finite values under the mask
+    for a, b in zip(ours, plain):
+        assert np.all(np.isfinite(a.numpy()))
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(ours[1].numpy()[~mask], 0.0)
+
+
+def test_seglu_gradient_has_the_shape_of_x_when_parameters_broadcast_it():
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=(2, 1, 3)))
+    ranges = tf.constant(rng.normal(size=(5, 1, 4)))
+    ts = tf.constant(rng.normal(size=(5, 1, 4)))
+    upstream = tf.constant(rng.normal(size=(2, 5, 3)))
+    grads = []
+    for fn in (ops.seglu, plain_seglu):
+        with tf.GradientTape() as tape:
+            tape.watch([x, ranges, ts])
+            loss = tf.reduce_sum(fn(x, ranges, ts) * upstream)
+        grads.append(tape.gradient(loss, [x, ranges, ts]))
+    for a, b, v in zip(*grads, (x, ranges, ts)):
+        assert a.shape == v.shape
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_unknown_rank_input_is_a_value_error():
+    fn = tf.function(
+        lambda x: ops.multimax(x, tf.zeros(4), tf.zeros(4)),
+        input_signature=[tf.TensorSpec(None, tf.float32)],
+    )
+    with pytest.raises(ValueError, match=r"x.shape=<unknown>"):
+        fn.get_concrete_function()
+
+
 def test_mask_equals_dropping_the_entries():
     x = np.array([[0.3, 2.0, -1.0, 1.5, -4.0]], "float32")
     keep = np.array([True, True, False, True, False])
@@ -288,7 +350,7 @@ def test_large_negative_masking_fails_where_mask_argument_works():
     ts = np.array([0.0, 0.0, 0.1, 0.0], "float32")  # t_b of order 2 > 0
     additive = ops.multimax(x, ranges, ts).numpy()
     assert additive[0, 2] > 0.99  # the "masked" entry takes all the mass
-    proper = ops.multimax(x[:, :2].repeat(1, 0), ranges, ts, mask=None).numpy()
+    proper = ops.multimax(x[:, :2], ranges, ts).numpy()
     masked = ops.multimax(
         np.array([[1.0, 2.0, 5.0]], "float32"), ranges, ts, mask=[[1, 1, 0]]
     )
@@ -323,7 +385,7 @@ def test_extreme_inputs_stay_finite(dtype, scale, sign):
     np.testing.assert_allclose(tf.cast(y, tf.float64).numpy(), expected, atol=tolerance)
 
 
-def test_overflowing_modulator_gives_no_nan():
+def test_overflowing_modulator_gives_finite_probabilities():
     x = tf.constant([[1e30, 1e30, -1e30, 0.0]])
     y = ops.multimax(x, tf.zeros(4), tf.constant([0.0, 0.0, 0.5, 0.5]))
     assert np.all(np.isfinite(y.numpy()))
