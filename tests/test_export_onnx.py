@@ -39,27 +39,16 @@ def assert_close(got, want, atol):
 
 # tf2onnx lowers a float `tf.where(c, a, b)` to `cast(c)*a + cast(!c)*b` unless
 # it sees an inf constant or an IsInf/IsNaN condition (tf2onnx 1.17,
-# onnx_opset/controlflow.py, Select.version_9). In ops.multimax's masked branch
-# `tf.where(mask, tf.exp(z - z_max), 0)` then gives 0 * inf = NaN wherever a
-# masked score exceeds the row's visible maximum by > 88 (exp overflows; seen
-# with causal attention), and `tf.where(tf.math.is_finite(z_max), z_max, 0)`
-# (condition Not(Or(IsInf, IsNaN))) gives 0 * -inf = NaN in a fully masked row.
-# Fixed in ops.py by filling masked scores with the lowest finite float instead
-# of -inf and exponentiating the filled scores; remove the marks then.
-ONNX_MASK_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="tf2onnx mul/add lowering of tf.where turns masked inf into NaN "
-    "(ops.multimax masked branch; fix in the export report)",
-)
+# onnx_opset/controlflow.py, Select.version_9), so 0 * inf = NaN wherever a
+# branch is infinite. ops.multimax therefore fills masked scores with the lowest
+# finite float and multiplies exp(.) <= 1 by the mask; the masked models below
+# (causal attention, fully masked rows) guard that.
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(name, marks=ONNX_MASK_NAN) if name == "attention" else name
-        for name in MODELS
-    ],
+    [name for name in MODELS],
 )
 def test_onnx_matches_keras(name, tmp_path):
     model = build_model(name)
@@ -75,7 +64,6 @@ def test_onnx_matches_keras(name, tmp_path):
 
 
 @pytest.mark.slow
-@ONNX_MASK_NAN
 def test_onnx_fully_masked_rows_are_zero(tmp_path):
     model = build_model("masked_multimax")
     inputs = fully_masked_inputs()
