@@ -132,3 +132,51 @@ def run_layer_test(
         for w in mixed.weights:
             if w.path.split("/")[-1] in ("ranges", "ts"):
                 assert w.dtype == "float32", f"{w.path} is {w.dtype}"
+
+
+def assert_positional_drop_in(parent_cls, layer_cls, values: dict):
+    """Checks that `layer_cls` takes the parent's arguments positionally.
+
+    For every prefix of the parent's positional parameters (from the required
+    ones to all of them), ``layer_cls(*args)`` must be accepted wherever
+    ``parent_cls(*args)`` is, and give the parent's configuration (plus the
+    MultiMax-only entries).
+
+    Args:
+        parent_cls: The Keras layer that `layer_cls` replaces.
+        layer_cls: The MultiMax layer.
+        values: A non-default value for every positional parameter of
+            `parent_cls`, by name (a parameter missing here fails the check,
+            so that a new Keras argument is noticed).
+    """
+    import inspect
+
+    kinds = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+    parent = [
+        p
+        for p in inspect.signature(parent_cls.__init__).parameters.values()
+        if p.kind in kinds and p.name != "self"
+    ]
+    ours = [
+        p.name
+        for p in inspect.signature(layer_cls.__init__).parameters.values()
+        if p.kind in kinds and p.name != "self"
+    ]
+    names = [p.name for p in parent]
+    assert ours[: len(names)] == names, (ours, names)
+    missing = [name for name in names if name not in values]
+    assert not missing, f"no test value for the parent's arguments {missing}"
+    required = sum(p.default is inspect.Parameter.empty for p in parent)
+    for n in range(required, len(names) + 1):
+        args = [values[name] for name in names[:n]]
+        expected = parent_cls(*args, name="layer").get_config()
+        config = layer_cls(*args, name="layer").get_config()
+        extra = set(config) - set(expected)
+        assert extra and all(
+            key == "per_head" or key == "order" or key.startswith(("ranges", "ts"))
+            for key in extra
+        ), extra
+        assert {key: config[key] for key in expected} == expected, names[:n]

@@ -5,6 +5,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 import tensorflow as tf
+from layer_test_case import assert_positional_drop_in
 from layer_test_case import run_layer_test
 
 from keras_multimax import layers
@@ -254,3 +255,28 @@ def test_registered_and_config_round_trip():
     assert clone.get_config() == config
     clone(X, X)
     assert tuple(clone.ts.shape) == (4, 2)
+
+
+def test_parent_positional_arguments_are_accepted():
+    assert_positional_drop_in(
+        keras.layers.GroupQueryAttention,
+        layers.MultiMaxGroupQueryAttention,
+        {
+            "head_dim": 4,
+            "num_query_heads": 4,
+            "num_key_value_heads": 2,
+            "dropout": 0.1,
+            "use_bias": False,
+            "sliding_window": 3,
+            "flash_attention": False,
+            "kernel_initializer": "he_normal",
+            "bias_initializer": "ones",
+            "kernel_regularizer": "l2",
+            "bias_regularizer": "l1",
+            "activity_regularizer": "l1",
+            "kernel_constraint": "non_neg",
+            "bias_constraint": "unit_norm",
+            "use_gate": True,
+            "seed": 7,
+        },
+    )

@@ -5,6 +5,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 import tensorflow as tf
+from layer_test_case import assert_positional_drop_in
 from layer_test_case import run_layer_test
 
 from keras_multimax import layers
@@ -590,3 +591,34 @@ def test_int8_quantized_projections_still_use_multimax():
     quantized = _np(layer(X, X))
     assert np.mean((quantized - reference) ** 2) < 1e-3
     assert np.max(np.abs(quantized - _np(twin(X, X)))) > 1e-3
+
+
+def test_parent_positional_arguments_are_accepted():
+    # e.g. MultiHeadAttention(2, 4, None, 0.0, True, None, None, 3): every
+    # argument of the parent keeps its position (sliding_window included).
+    assert_positional_drop_in(
+        keras.layers.MultiHeadAttention,
+        layers.MultiMaxAttention,
+        {
+            "num_heads": 2,
+            "key_dim": 4,
+            "value_dim": 3,
+            "dropout": 0.1,
+            "use_bias": False,
+            "output_shape": (6,),
+            "attention_axes": (1,),
+            "sliding_window": 3,
+            "flash_attention": False,
+            "kernel_initializer": "he_normal",
+            "bias_initializer": "ones",
+            "kernel_regularizer": "l2",
+            "bias_regularizer": "l1",
+            "activity_regularizer": "l1",
+            "kernel_constraint": "non_neg",
+            "bias_constraint": "unit_norm",
+            "use_gate": True,
+            "seed": 7,
+        },
+    )
+    layer = layers.MultiMaxAttention(2, 4, None, 0.0, True, None, None, 3)
+    assert layer.get_config()["sliding_window"] == 3

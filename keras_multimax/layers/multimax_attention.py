@@ -97,7 +97,24 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
         attention_axes: Axes over which attention (and MultiMax) is applied.
             ``None`` means all axes but batch, heads and features. With
             several axes MultiMax normalises over all of them jointly.
+        sliding_window: Optional positive integer: each query attends only
+            to the keys within ``sliding_window - 1`` positions of itself (a
+            symmetric band, as in the parent). Defaults to ``None``.
+        flash_attention: Must be ``None`` or ``False``: flash kernels compute
+            SoftMax, so ``True`` raises a ``ValueError``.
+        kernel_initializer: Initializer of the projection kernels.
+        bias_initializer: Initializer of the projection biases.
+        kernel_regularizer: Regularizer of the projection kernels.
+        bias_regularizer: Regularizer of the projection biases.
+        activity_regularizer: Regularizer of the output.
+        kernel_constraint: Constraint of the projection kernels.
+        bias_constraint: Constraint of the projection biases.
+        use_gate: Boolean, whether to gate the attention output with a
+            sigmoid-activated projection of the query, as in the parent.
+        seed: Optional integer, the dropout seed.
         order: Integer >= 1, the order K of the modulator (the paper uses 2).
+            This and the following arguments are keyword-only; all the
+            arguments above can be given positionally in the parent's order.
         per_head: Boolean. If True, each head has its own modulator:
             ``ranges``/``ts`` have shape ``(num_heads, 2 * order)`` instead of
             ``(2 * order,)``.
@@ -110,12 +127,7 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
         ts_regularizer: Optional regularizer of ``ts``.
         ranges_constraint: Optional constraint of ``ranges``.
         ts_constraint: Optional constraint of ``ts``.
-        flash_attention: Must be ``None`` or ``False``: flash kernels compute
-            SoftMax, so ``True`` raises a ``ValueError``.
-        **kwargs: Every other `keras.layers.MultiHeadAttention` argument
-            (``sliding_window``, ``use_gate``, ``kernel_initializer``,
-            ``bias_initializer``, regularizers, constraints, ``seed``) and the
-            base layer arguments (``name``, ``dtype``).
+        **kwargs: Base layer arguments (``name``, ``dtype``, ...).
 
     Call arguments:
         query: Query tensor of shape ``(B, T, dim)``.
@@ -152,6 +164,17 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
         use_bias: bool = True,
         output_shape: Any = None,
         attention_axes: Any = None,
+        sliding_window: int | None = None,
+        flash_attention: bool | None = None,
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        bias_constraint: Any = None,
+        use_gate: bool = False,
+        seed: int | None = None,
         *,
         order: int = 2,
         per_head: bool = False,
@@ -161,7 +184,6 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
         ts_regularizer: Any = None,
         ranges_constraint: Any = None,
         ts_constraint: Any = None,
-        flash_attention: bool | None = None,
         **kwargs,
     ):
         reject_flash_attention(flash_attention, type(self).__name__)
@@ -173,7 +195,17 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
             use_bias=use_bias,
             output_shape=output_shape,
             attention_axes=attention_axes,
+            sliding_window=sliding_window,
             flash_attention=None,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            use_gate=use_gate,
+            seed=seed,
             **kwargs,
         )
         # The parent may read a global "flash attention enabled" flag; this

@@ -62,7 +62,24 @@ class MultiMaxGroupQueryAttention(
             ``num_query_heads``.
         dropout: Dropout probability, applied to the MultiMax weights.
         use_bias: Boolean, whether the projections use biases.
+        sliding_window: Optional positive integer: each query attends only
+            to the keys within ``sliding_window - 1`` positions of itself (a
+            symmetric band, as in the parent). Defaults to ``None``.
+        flash_attention: Must be ``None`` or ``False``: flash kernels compute
+            SoftMax, so ``True`` raises a ``ValueError``.
+        kernel_initializer: Initializer of the projection kernels.
+        bias_initializer: Initializer of the projection biases.
+        kernel_regularizer: Regularizer of the projection kernels.
+        bias_regularizer: Regularizer of the projection biases.
+        activity_regularizer: Regularizer of the output.
+        kernel_constraint: Constraint of the projection kernels.
+        bias_constraint: Constraint of the projection biases.
+        use_gate: Boolean, whether to gate the attention output with a
+            sigmoid-activated projection of the query, as in the parent.
+        seed: Optional integer, the dropout seed.
         order: Integer >= 1, the order K of the modulator (the paper uses 2).
+            This and the following arguments are keyword-only; all the
+            arguments above can be given positionally in the parent's order.
         per_head: Boolean. If True, each query head has its own modulator:
             ``ranges``/``ts`` have shape ``(num_query_heads, 2 * order)``
             instead of ``(2 * order,)``.
@@ -74,12 +91,7 @@ class MultiMaxGroupQueryAttention(
         ts_regularizer: Optional regularizer of ``ts``.
         ranges_constraint: Optional constraint of ``ranges``.
         ts_constraint: Optional constraint of ``ts``.
-        flash_attention: Must be ``None`` or ``False``: flash kernels compute
-            SoftMax, so ``True`` raises a ``ValueError``.
-        **kwargs: Every other `keras.layers.GroupQueryAttention` argument
-            (``sliding_window``, ``use_gate``, initializers, regularizers,
-            constraints, ``seed``) and the base layer arguments (``name``,
-            ``dtype``).
+        **kwargs: Base layer arguments (``name``, ``dtype``, ...).
 
     Call arguments:
         query: Query tensor of shape ``(B, T, dim)``.
@@ -111,6 +123,17 @@ class MultiMaxGroupQueryAttention(
         num_key_value_heads: int,
         dropout: float = 0.0,
         use_bias: bool = True,
+        sliding_window: int | None = None,
+        flash_attention: bool | None = None,
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        bias_constraint: Any = None,
+        use_gate: bool = False,
+        seed: int | None = None,
         *,
         order: int = 2,
         per_head: bool = False,
@@ -120,7 +143,6 @@ class MultiMaxGroupQueryAttention(
         ts_regularizer: Any = None,
         ranges_constraint: Any = None,
         ts_constraint: Any = None,
-        flash_attention: bool | None = None,
         **kwargs,
     ):
         reject_flash_attention(flash_attention, type(self).__name__)
@@ -145,7 +167,17 @@ class MultiMaxGroupQueryAttention(
             num_key_value_heads=num_key_value_heads,
             dropout=dropout,
             use_bias=use_bias,
+            sliding_window=sliding_window,
             flash_attention=None,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            use_gate=use_gate,
+            seed=seed,
             **kwargs,
         )
         # The parent may read a global "flash attention enabled" flag; this
