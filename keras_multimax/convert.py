@@ -35,13 +35,25 @@ _PROJECTIONS = (
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
 class ActivationMultiMax(MultiMax):
-    """MultiMax over the last axis used as an *activation*: ignores Keras masks.
+    r"""MultiMax over the last axis used as an *activation*: ignores Keras masks.
 
     `to_multimax(..., replace_softmax=True)` puts this layer where a
     ``Dense(..., activation="softmax")`` or an ``Activation("softmax")`` was.
     Like those (and unlike `keras.layers.Softmax`), it does not apply the Keras
     mask of its input to the normalised axis; it passes the mask on unchanged.
     Everything else is `keras_multimax.layers.MultiMax` with ``axis=-1``.
+
+    Formula:
+
+    $$
+    \sigma(x) = x + \sum_{k=0}^{K-1} t_{2k}\,\mathrm{relu}(r_{2k} - x)^{k+1}
+        + t_{2k+1}\,\mathrm{relu}(x - r_{2k+1})^{k+1},
+    \qquad y = \mathrm{softmax}(\sigma(x))
+    $$
+
+    over the last axis of ``x``, with ``r`` the weight ``ranges`` and ``t``
+    the weight ``ts`` (shape ``(2 * order,)``). With ``ts = 0`` the layer is
+    exactly ``Activation("softmax")``.
 
     Example:
 

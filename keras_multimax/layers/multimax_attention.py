@@ -73,7 +73,8 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
     modulation: they get exactly zero weight whatever the sign of ``ts``, and a
     query with no visible key attends to nothing (its weights are all zero;
     SoftMax attention would spread them uniformly). With ``ts = 0`` the layer
-    computes exactly `keras.layers.MultiHeadAttention`.
+    computes exactly `keras.layers.MultiHeadAttention`, except for queries that
+    see no key (all-zero weights here, uniform in SoftMax).
 
     Example:
 

@@ -43,7 +43,8 @@ class MultiMaxGroupQueryAttention(
     `keras_multimax.layers.MultiMax`. Masked keys get exactly zero weight
     whatever the sign of ``ts``; a query with no visible key attends to
     nothing. With ``ts = 0`` the layer computes exactly
-    `keras.layers.GroupQueryAttention`.
+    `keras.layers.GroupQueryAttention`, except for queries that see no key
+    (all-zero weights here, uniform in SoftMax).
 
     Example:
 
