@@ -37,19 +37,8 @@ def assert_close(got, want, atol):
     assert np.max(excess) <= 0, float(np.max(np.abs(got - want)))
 
 
-# tf2onnx lowers a float `tf.where(c, a, b)` to `cast(c)*a + cast(!c)*b` unless
-# it sees an inf constant or an IsInf/IsNaN condition (tf2onnx 1.17,
-# onnx_opset/controlflow.py, Select.version_9), so 0 * inf = NaN wherever a
-# branch is infinite. ops.multimax therefore fills masked scores with the lowest
-# finite float and multiplies exp(.) <= 1 by the mask; the masked models below
-# (causal attention, fully masked rows) guard that.
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [name for name in MODELS],
-)
+@pytest.mark.parametrize("name", list(MODELS))
 def test_onnx_matches_keras(name, tmp_path):
     model = build_model(name)
     path = str(tmp_path / f"{name}.onnx")
@@ -65,6 +54,12 @@ def test_onnx_matches_keras(name, tmp_path):
 
 @pytest.mark.slow
 def test_onnx_fully_masked_rows_are_zero(tmp_path):
+    # tf2onnx lowers a float `tf.where(c, a, b)` to `cast(c)*a + cast(!c)*b`
+    # unless it sees an inf constant or an IsInf/IsNaN condition (tf2onnx 1.17,
+    # onnx_opset/controlflow.py, Select.version_9), so any inf reaching a
+    # select in ops.multimax becomes 0 * inf = NaN in ONNX: a -inf mask fill in
+    # a fully masked row, or exp() overflowing at a masked score far above the
+    # visible maximum (causal attention: the `attention` model above).
     model = build_model("masked_multimax")
     inputs = fully_masked_inputs()
     session = export_onnx(model, str(tmp_path / "masked.onnx"), inputs)
