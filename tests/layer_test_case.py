@@ -97,11 +97,19 @@ def run_layer_test(
     model.fit(
         arrays, target.astype("float32"), epochs=1, batch_size=len(target), verbose=0
     )
-    for w in model.trainable_weights:
-        if w.path.split("/")[-1] in trainable_weight_names:
-            assert not np.array_equal(before[w.path], w.numpy()), (
-                f"{w.path} did not change in a training step"
-            )
+    checked = [
+        w
+        for w in model.trainable_weights
+        if w.path.split("/")[-1] in trainable_weight_names
+    ]
+    assert checked, (
+        f"no trainable weight named {trainable_weight_names} in "
+        f"{[w.path for w in model.trainable_weights]}"
+    )
+    for w in checked:
+        assert not np.array_equal(before[w.path], w.numpy()), (
+            f"{w.path} did not change in a training step"
+        )
     reference = model.predict(arrays, verbose=0)
 
     # .keras round trip gives the same outputs.

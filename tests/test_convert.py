@@ -313,3 +313,16 @@ def test_dense_softmax_on_masked_sequence_ignores_the_mask_like_dense():
 def test_bad_activation_multimax_axis():
     with pytest.raises(ValueError, match="axis=1"):
         convert.ActivationMultiMax(axis=1)
+
+
+def test_run_layer_test_fails_when_no_multimax_weight_is_trained():
+    # Control: a layer without `ranges`/`ts` must not pass the "one training
+    # step moves every MultiMax weight" check by checking nothing.
+    with pytest.raises(AssertionError, match="no trainable weight named"):
+        run_layer_test(
+            keras.layers.Dense,
+            {"units": 3},
+            X,
+            expected_output_shape=(4, T, 3),
+            expected_num_trainable_weights=2,
+        )
