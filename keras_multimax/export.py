@@ -103,11 +103,33 @@ def _saved_model_runner(model, path, arrays):
     return lambda: loaded.serve(args).numpy()
 
 
+def _check_float32_compute(model) -> None:
+    """LiteRT builtins have no float16/bfloat16 matmuls: fail with the recipe."""
+    low = sorted(
+        {
+            layer.dtype_policy.compute_dtype
+            for layer in [model, *model.layers]
+            if layer.dtype_policy.compute_dtype in ("float16", "bfloat16")
+        }
+    )
+    if low:
+        raise ValueError(
+            "LiteRT export with builtin ops needs a model that computes in "
+            "float32 (the builtin float16/bfloat16 kernels lack matmuls). "
+            "Rebuild the model under keras.mixed_precision.set_global_policy("
+            '"float32") (e.g. `Model.from_config(model.get_config())` for the '
+            "keras_multimax builders) and copy the weights with "
+            "`set_weights(model.get_weights())`. "
+            f"Received: a model with layers computing in {low}"
+        )
+
+
 def _litert_runner(model, path, arrays, quantize=False):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as e:
         raise ImportError(f"Running LiteRT models needs {_EXTRA}.") from e
+    _check_float32_compute(model)
     kwargs = {}
     if quantize:
         kwargs["optimizations"] = [tf.lite.Optimize.DEFAULT]
@@ -234,8 +256,9 @@ def export_all(
         One `ExportResult` per format, in the order of ``formats``.
 
     Raises:
-        ValueError: For an unknown format, ``repeats < 1`` or a model with
-            several outputs.
+        ValueError: For an unknown format, ``repeats < 1``, a model with
+            several outputs, or LiteRT formats for a model that computes in
+            float16/bfloat16 (mixed precision; rebuild it in float32 first).
         ImportError: If the runtime of a requested format is not installed
             (``ai-edge-litert``, ``onnxruntime``/``tf2onnx``).
 

@@ -68,6 +68,17 @@ def test_export_all_rejects_bad_arguments(kwargs, message, tmp_path):
         export.export_all(model, str(tmp_path), sample_inputs("seglu")[0], **kwargs)
 
 
+def test_export_all_litert_needs_float32_compute(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    x = keras.Input((None, 8))
+    model = keras.Model(x, layers.MultiMax()(keras.layers.Dense(4)(x)))
+    keras.mixed_precision.set_global_policy("float32")
+    with pytest.raises(ValueError, match=r"float32.*\['float16'\]"):
+        export.export_all(
+            model, str(tmp_path), np.zeros((1, 3, 8), "float32"), formats=("litert",)
+        )
+
+
 def test_export_all_rejects_several_outputs(tmp_path):
     x = keras.Input((4,))
     model = keras.Model(x, [layers.MultiMax()(x), layers.SegLU()(x)])
