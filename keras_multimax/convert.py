@@ -119,8 +119,13 @@ def to_multimax(
     a `keras.layers.Softmax` becomes a `keras_multimax.layers.MultiMax` over
     the same axis, an ``Activation("softmax")`` an `ActivationMultiMax`, and a
     ``Dense(..., activation="softmax")`` becomes the same ``Dense`` with a
-    linear activation (same kernel and bias) followed by an
-    `ActivationMultiMax` named ``"<dense name>_multimax"``.
+    linear activation (same kernel and bias), renamed ``"<name>_logits"``,
+    followed by an `ActivationMultiMax` that takes over the old name
+    ``"<name>"``. Output names therefore do not change: a model compiled with
+    a loss, metrics or loss weights keyed by output name (``{"cls": ...}``)
+    keeps working, and ``model.get_layer("<name>")`` finds the layer that
+    produces the probabilities. (If ``"<name>_logits"`` is taken, a numeric
+    suffix is added.)
 
     Formula: each replaced normalisation
     $\mathrm{softmax}(s)$ becomes $\mathrm{softmax}(\sigma(s))$ with
@@ -146,8 +151,10 @@ def to_multimax(
     >>> outputs = keras.layers.Dense(3, activation="softmax", name="head")(x)
     >>> model = keras.Model(inputs, outputs)
     >>> new = to_multimax(model, replace_softmax=True)
-    >>> type(new.get_layer("mha")).__name__, new.get_layer("head_multimax").name
-    ('MultiMaxAttention', 'head_multimax')
+    >>> type(new.get_layer("mha")).__name__, type(new.get_layer("head")).__name__
+    ('MultiMaxAttention', 'ActivationMultiMax')
+    >>> new.get_layer("head_logits").get_config()["activation"], new.output_names
+    ('linear', ['head'])
     >>> x = np.random.default_rng(0).normal(size=(2, 6, 16))
     >>> bool(np.allclose(model(x), new(x), atol=1e-6))  # ts = 0: same outputs
     True
@@ -236,6 +243,7 @@ class _Converter:
     def _convert_functional(self, model):
         pairs = []
         after = {}
+        taken = {op.name for op in model.operations}
 
         def clone_function(layer):
             if isinstance(layer, keras.Model):
@@ -243,7 +251,7 @@ class _Converter:
             if not isinstance(layer, keras.layers.Layer):
                 # A `keras.ops` operation used in the graph (e.g. `x + y`).
                 return type(layer).from_config(layer.get_config())
-            new, following = self._convert_layer(layer)
+            new, following = self._convert_layer(layer, taken)
             pairs.append((layer, new))
             if following is not None:
                 after[id(new)] = following
@@ -263,11 +271,12 @@ class _Converter:
 
     def _convert_sequential(self, model):
         pairs, new_layers = [], []
+        taken = {layer.name for layer in model._layers}
         for layer in model.layers:
             if isinstance(layer, keras.Model):
                 new_layers.append(self.convert_model(layer))
                 continue
-            new, following = self._convert_layer(layer)
+            new, following = self._convert_layer(layer, taken)
             pairs.append((layer, new))
             new_layers.append(new)
             if following is not None:
@@ -292,8 +301,12 @@ class _Converter:
 
     # -- layers --------------------------------------------------------------
 
-    def _convert_layer(self, layer):
-        """Returns (new layer, optional layer to call on its outputs)."""
+    def _convert_layer(self, layer, taken):
+        """Returns (new layer, optional layer to call on its outputs).
+
+        `taken` holds the layer names of the model being rebuilt; a new name
+        given here is added to it.
+        """
         cls = type(layer)
         config = layer.get_config()
         if cls in _ATTENTION_TWINS:
@@ -323,10 +336,10 @@ class _Converter:
                 "layers.MultiMaxAttention` (same arguments) instead."
             )
         if self.replace_softmax:
-            return self._convert_softmax(layer, config)
+            return self._convert_softmax(layer, config, taken)
         return cls.from_config(config), None
 
-    def _convert_softmax(self, layer, config):
+    def _convert_softmax(self, layer, config, taken):
         cls = type(layer)
         common = {"dtype": layer.dtype_policy, **self.modulator}
         if cls is keras.layers.Softmax:
@@ -334,9 +347,23 @@ class _Converter:
         if cls is keras.layers.Activation and _is_softmax(layer.activation):
             return ActivationMultiMax(name=layer.name, **common), None
         if cls is keras.layers.Dense and _is_softmax(layer.activation):
-            linear = cls.from_config({**config, "activation": "linear"})
-            return linear, ActivationMultiMax(name=f"{layer.name}_multimax", **common)
+            # The activation takes over the Dense layer's name, so that the
+            # model's output names (and compiled losses/metrics keyed by
+            # them) stay the same; the Dense becomes "<name>_logits".
+            logits_name = _unique_name(f"{layer.name}_logits", taken)
+            taken.add(logits_name)
+            linear = cls.from_config(
+                {**config, "activation": "linear", "name": logits_name}
+            )
+            return linear, ActivationMultiMax(name=layer.name, **common)
         return cls.from_config(config), None
+
+
+def _unique_name(name: str, taken: set) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
 
 
 def _is_softmax(activation) -> bool:

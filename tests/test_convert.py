@@ -66,7 +66,9 @@ def _all_layers(model):
     return list(model._flatten_layers(include_self=False))
 
 
-def _assert_converted(old, new):
+def _assert_converted(old, new, renamed=None):
+    """`renamed` maps old layer names to new ones (a softmax Dense "x" -> "x_logits")."""
+    renamed = renamed or {}
     kinds = [type(layer) for layer in _all_layers(new)]
     assert keras.layers.MultiHeadAttention not in kinds
     assert keras.layers.GroupQueryAttention not in kinds
@@ -86,10 +88,13 @@ def _assert_converted(old, new):
     new_by_path = {w.path: w for w in new.weights}
     old_ids = {id(w) for w in old.weights}
     assert not old_ids & {id(w) for w in new.weights}
+    old_paths = []
     for w in old.weights:
-        match = new_by_path[w.path]
-        np.testing.assert_array_equal(_np(match), _np(w), err_msg=w.path)
-    extra = sorted(set(new_by_path) - {w.path for w in old.weights})
+        layer, _, rest = w.path.partition("/")
+        path = f"{renamed.get(layer, layer)}/{rest}"
+        old_paths.append(path)
+        np.testing.assert_array_equal(_np(new_by_path[path]), _np(w), err_msg=w.path)
+    extra = sorted(set(new_by_path) - set(old_paths))
     assert extra and all(p.split("/")[-1] in ("ranges", "ts") for p in extra), extra
 
 
@@ -97,13 +102,14 @@ def _assert_converted(old, new):
 def test_functional_with_nested_block_keeps_outputs(replace_softmax):
     model = _functional_model()
     new = convert.to_multimax(model, replace_softmax=replace_softmax)
-    _assert_converted(model, new)
+    _assert_converted(model, new, {"head": "head_logits"} if replace_softmax else {})
     assert type(new.get_layer("gqa")) is layers.MultiMaxGroupQueryAttention
     block = new.get_layer("block")
     assert type(block.get_layer("self_attention")) is layers.MultiMaxAttention
+    assert new.output_names == model.output_names == ["head"]
     if replace_softmax:
-        assert new.get_layer("head").get_config()["activation"] == "linear"
-        assert isinstance(new.get_layer("head_multimax"), convert.ActivationMultiMax)
+        assert new.get_layer("head_logits").get_config()["activation"] == "linear"
+        assert type(new.get_layer("head")) is convert.ActivationMultiMax
     else:
         assert new.get_layer("head").get_config()["activation"] == "softmax"
     np.testing.assert_allclose(_np(new(X)), _np(model(X)), atol=1e-6)
@@ -132,7 +138,7 @@ def test_padding_masks_keep_outputs():
     outputs = keras.layers.Dense(CLASSES, activation="softmax", name="head")(h)
     model = keras.Model(tokens, outputs)
     new = convert.to_multimax(model, replace_softmax=True)
-    _assert_converted(model, new)
+    _assert_converted(model, new, {"head": "head_logits"})
     # Padded query positions attend to nothing under MultiMax (uniformly under
     # the fused SoftMax kernel): only there do the attention outputs differ ...
     old_att, new_att = (
@@ -150,7 +156,7 @@ def test_converted_attention_equals_multimax_formula():
     """The swapped-in output layer is MultiMax of the unchanged Dense logits."""
     model = _functional_model()
     new = convert.to_multimax(model, replace_softmax=True, ts_initializer="ones")
-    head, multimax = new.get_layer("head"), new.get_layer("head_multimax")
+    head, multimax = new.get_layer("head_logits"), new.get_layer("head")
     np.testing.assert_array_equal(_np(head.kernel), _np(model.get_layer("head").kernel))
     pooled = keras.Model(new.inputs[0], head.input)(X)
     logits = _np(pooled) @ _np(head.kernel) + _np(head.bias)
@@ -326,3 +332,65 @@ def test_run_layer_test_fails_when_no_multimax_weight_is_trained():
             expected_output_shape=(4, T, 3),
             expected_num_trainable_weights=2,
         )
+
+
+def _two_output_inputs_and_heads():
+    inputs = keras.Input((T, D))
+    h = keras.layers.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    cls = keras.layers.Dense(CLASSES, activation="softmax", name="cls")(h)
+    reg = keras.layers.Dense(1, name="reg")(h)
+    return inputs, cls, reg
+
+
+@pytest.mark.parametrize("outputs_as", ["list", "dict"])
+def test_output_names_and_compiled_dicts_keyed_by_them_survive(outputs_as):
+    inputs, cls, reg = _two_output_inputs_and_heads()
+    outputs = [cls, reg] if outputs_as == "list" else {"cls": cls, "reg": reg}
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer="sgd",
+        loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"},
+        loss_weights={"cls": 1.0, "reg": 0.5},
+        metrics={"cls": ["sparse_categorical_accuracy"], "reg": ["mae"]},
+    )
+    y_reg = RNG.normal(size=(4, 1)).astype("float32")
+    y = [LABELS, y_reg] if outputs_as == "list" else {"cls": LABELS, "reg": y_reg}
+    old_history = model.fit(X, y, epochs=1, verbose=0).history
+
+    new = convert.to_multimax(model, replace_softmax=True)
+    assert new.output_names == model.output_names == ["cls", "reg"]
+    assert type(new.get_layer("cls")) is convert.ActivationMultiMax
+    assert new.get_layer("cls_logits").get_config()["activation"] == "linear"
+    assert new.compiled
+    new_history = new.fit(X, y, epochs=1, verbose=0).history
+    assert sorted(new_history) == sorted(old_history)
+    assert "cls_sparse_categorical_accuracy" in new_history
+    assert all(np.isfinite(v[0]) for v in new_history.values())
+
+
+def test_logits_name_collision_gets_a_suffix():
+    inputs = keras.Input((D,))
+    h = keras.layers.Dense(D, name="head_logits")(inputs)
+    outputs = keras.layers.Dense(CLASSES, activation="softmax", name="head")(h)
+    model = keras.Model(inputs, outputs)
+    new = convert.to_multimax(model, replace_softmax=True)
+    assert new.get_layer("head_logits").get_config()["activation"] == "linear"
+    assert new.get_layer("head_logits").units == D
+    assert new.get_layer("head_logits_1").units == CLASSES
+    assert new.output_names == ["head"]
+    x = X[:, 0]
+    np.testing.assert_allclose(_np(new(x)), _np(model(x)), atol=1e-6)
+
+
+def test_sequential_dense_softmax_keeps_its_name():
+    model = keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(CLASSES, activation="softmax", name="probs"),
+        ]
+    )
+    new = convert.to_multimax(model, replace_softmax=True)
+    assert [layer.name for layer in new.layers] == ["probs_logits", "probs"]
+    x = X[:, 0]
+    np.testing.assert_allclose(_np(new(x)), _np(model(x)), atol=1e-6)
