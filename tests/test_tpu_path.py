@@ -13,7 +13,7 @@ from distributed_workers import common
 from keras_multimax import distribute
 from keras_multimax import ops
 
-EPOCHS = 8
+EPOCHS = 5
 
 
 def _static_dataset(x, y):
