@@ -13,6 +13,7 @@ import time
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from distributed_workers import common
 
 ATOL = 1e-5  # float32 round-off of a different all-reduce order
@@ -79,11 +80,22 @@ def test_two_workers_fit_equals_single_process(tmp_path):
 
     _run_workers(tmp_path, input_npz, epochs)
 
-    # The single-process reference: same initial weights, same global batches.
-    common.compile_sgd(model)
-    history = model.fit(
-        x, y, batch_size=common.GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0
-    )
+    # The single-process reference: same initial weights, same global batches,
+    # full float32 as in the workers.
+    tf32 = tf.config.experimental.tensor_float_32_execution_enabled()
+    common.no_tf32()
+    try:
+        common.compile_sgd(model)
+        history = model.fit(
+            x,
+            y,
+            batch_size=common.GLOBAL_BATCH,
+            epochs=epochs,
+            shuffle=False,
+            verbose=0,
+        )
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(tf32)
     reference = common.weights_by_path(model)
     initial = {v.path: w for v, w in zip(model.weights, init)}
     workers = [np.load(tmp_path / f"worker{i}.npz") for i in range(2)]

@@ -80,23 +80,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def no_tf32() -> None:
+    """TensorFloat-32 matmuls (Ampere GPUs and later) round to 10 bits: the
+    equality checks against single-device runs need real float32."""
+    import tensorflow as tf
+
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+
+
 def split_cpu(num: int = 2) -> str:
     """Before TF initialises its devices: use all GPUs if several are visible,
     else split the CPU into `num` logical devices. Returns the reason."""
     import tensorflow as tf
 
+    no_tf32()
     gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        # TensorFloat-32 matmuls (Ampere and later) round to 10 bits: the
-        # equality checks against single-device runs need real float32.
-        tf.config.experimental.enable_tensor_float_32_execution(False)
     if len(gpus) >= 2:
         return f"using the {len(gpus)} visible GPUs"
+    if gpus:
+        # The single-device reference must run where the replicas run.
+        tf.config.set_visible_devices([], "GPU")
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num)]
     )
-    why = "no GPU is visible" if not gpus else "only one GPU is visible"
+    why = "no GPU is visible" if not gpus else "only one GPU is visible (hidden)"
     return f"{why}: split the CPU into {num} logical devices"
 
 

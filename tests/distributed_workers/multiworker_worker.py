@@ -31,6 +31,8 @@ def main(index: int, ports: str, input_npz: str, out_dir: str, epochs: int) -> N
     import numpy as np
     import tensorflow as tf
 
+    common.no_tf32()
+
     from keras_multimax import distribute
 
     strategy = distribute.choose_strategy("multi_worker")
