@@ -512,7 +512,11 @@ def plot_attention_maps(
     if not maps:
         raise ValueError("`maps` must contain at least one attention map.")
     fig, axes = plt.subplots(
-        1, len(maps), figsize=(3.6 * len(maps), 3.3), squeeze=False
+        1,
+        len(maps),
+        figsize=(3.6 * len(maps) + 0.8, 3.3),
+        squeeze=False,
+        constrained_layout=True,
     )
     vmax = 0.0
     arrays = {}
@@ -532,7 +536,7 @@ def plot_attention_maps(
         ax.set_title(label)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
