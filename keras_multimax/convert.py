@@ -127,6 +127,13 @@ def to_multimax(
     produces the probabilities. (If ``"<name>_logits"`` is taken, a numeric
     suffix is added.)
 
+    A quantized model (``model.quantize("int8")``, ``"int4"`` or
+    ``"float8"``) converts too: the projections of each twin are quantized the
+    same way and receive a copy of the quantized variables (and of QLoRA
+    adapters), so the outputs stay equal. A quantization the twin cannot
+    repeat raises a ``ValueError`` naming the layer: convert the float model
+    first, then quantize the result.
+
     Formula: each replaced normalisation
     $\mathrm{softmax}(s)$ becomes $\mathrm{softmax}(\sigma(s))$ with
     $\sigma(s) = s + \sum_k t_{2k}\,\mathrm{relu}(r_{2k} - s)^{k+1} +
@@ -341,7 +348,7 @@ class _Converter:
 
     def _convert_softmax(self, layer, config, taken):
         cls = type(layer)
-        common = {"dtype": layer.dtype_policy, **self.modulator}
+        common = {"dtype": _float_policy(layer.dtype_policy), **self.modulator}
         if cls is keras.layers.Softmax:
             return MultiMax(axis=layer.axis, name=layer.name, **common), None
         if cls is keras.layers.Activation and _is_softmax(layer.activation):
@@ -357,6 +364,13 @@ class _Converter:
             )
             return linear, ActivationMultiMax(name=layer.name, **common)
         return cls.from_config(config), None
+
+
+def _float_policy(policy):
+    """The float policy a quantized policy ("int8_from_float32") comes from."""
+    if getattr(policy, "quantization_mode", None) is None:
+        return policy
+    return keras.DTypePolicy(policy._source_name)
 
 
 def _unique_name(name: str, taken: set) -> str:
@@ -382,25 +396,86 @@ def _copy_weights(old, new):
     if not old.weights:
         return
     if isinstance(new, _MULTIMAX_ATTENTION):
-        # Projection by projection, so that LoRA adapters come along.
+        # Projection by projection, so that quantization and LoRA adapters
+        # come along: the twin's projections were built in float.
         for name in _PROJECTIONS:
             old_dense = getattr(old, name, None)
             if old_dense is None:
                 continue
             new_dense = getattr(new, name)
+            _quantize_like(old, old_dense, new_dense)
             if old_dense.lora_enabled and not new_dense.lora_enabled:
                 new_dense.enable_lora(
                     old_dense.lora_rank, lora_alpha=old_dense.lora_alpha
                 )
-            new_dense.set_weights(old_dense.get_weights())
+            _assign_weights(old, old_dense, new_dense)
         if isinstance(old, _MULTIMAX_ATTENTION):
             new.ranges.assign(old.ranges)
             new.ts.assign(old.ts)
         return
+    _assign_weights(old, old, new)
+
+
+def _quantize_like(layer, old_dense, new_dense):
+    """Quantizes the twin's projection `new_dense` as `old_dense` is."""
+    mode = old_dense.quantization_mode
+    if mode is None or new_dense.quantization_mode == mode:
+        return
     try:
-        new.set_weights(old.get_weights())
-    except ValueError as error:
+        new_dense.quantize(mode, config=old_dense.quantization_config)
+    except Exception as error:  # Keras raises several types here.
         raise ValueError(
-            f"`to_multimax` could not copy the weights of layer {old.name!r} "
-            f"({type(old).__name__}) into its clone: {error}"
+            f"`to_multimax` cannot rebuild the {mode!r}-quantized projection "
+            f"{old_dense.name!r} of layer {layer.name!r} "
+            f"({type(layer).__name__}): {error}. Convert before quantizing: "
+            "call `to_multimax` on the float model, then quantize the result "
+            "(`new_model.quantize(...)`)."
+        ) from error
+
+
+def _weight_keys(layer):
+    # A weight's path is "<layer name>/<sub-layers>/<weight name>".
+    return [w.path.split("/", 1)[-1] for w in layer.weights]
+
+
+def _assign_weights(owner, old, new):
+    """Copies `old`'s weights into `new`, by name when the names match.
+
+    Matching by name keeps the copy right when the two layers created their
+    variables in a different order (a quantized layer rebuilt from its
+    config creates the quantization variables first); otherwise the weights
+    are copied in order, as `set_weights` does.
+    """
+    old_keys, new_keys = _weight_keys(old), _weight_keys(new)
+    try:
+        if len(set(old_keys)) == len(old_keys) and sorted(old_keys) == sorted(new_keys):
+            targets = dict(zip(new_keys, new.weights))
+            for key, weight in zip(old_keys, old.weights):
+                target = targets[key]
+                if tuple(target.shape) != tuple(weight.shape) or (
+                    target.dtype != weight.dtype
+                ):
+                    raise ValueError(
+                        f"weight {key!r} is {weight.dtype}{tuple(weight.shape)} "
+                        f"in the original and {target.dtype}"
+                        f"{tuple(target.shape)} in the copy"
+                    )
+                target.assign(weight)
+        else:
+            new.set_weights(old.get_weights())
+    except ValueError as error:
+        quantized = any(
+            getattr(sub, "quantization_mode", None)
+            for sub in old._flatten_layers(include_self=True)
+        )
+        hint = (
+            " Convert before quantizing: call `to_multimax` on the float "
+            "model, then quantize the result (`new_model.quantize(...)`)."
+            if quantized
+            else ""
+        )
+        raise ValueError(
+            f"`to_multimax` could not copy the weights of layer "
+            f"{owner.name!r} ({type(owner).__name__}) into its copy: "
+            f"{error}.{hint}"
         ) from error

@@ -1,5 +1,7 @@
 """Tests of `keras_multimax.convert.to_multimax` on small transformer models."""
 
+import warnings
+
 import keras
 import numpy as np
 import numpy_reference as ref
@@ -394,3 +396,52 @@ def test_sequential_dense_softmax_keeps_its_name():
     assert [layer.name for layer in new.layers] == ["probs_logits", "probs"]
     x = X[:, 0]
     np.testing.assert_allclose(_np(new(x)), _np(model(x)), atol=1e-6)
+
+
+def _quantized_model(mode):
+    inputs = keras.Input((T, D))
+    h = keras.layers.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)
+    h = keras.layers.GroupQueryAttention(4, 4, 2, name="gqa")(h, h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    outputs = keras.layers.Dense(CLASSES, activation="softmax", name="head")(h)
+    model = keras.Model(inputs, outputs)
+    with warnings.catch_warnings():  # "Layer ... has no `quantize` method"
+        warnings.simplefilter("ignore", UserWarning)
+        model.quantize(mode)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "float8"])
+def test_quantized_model_converts_with_the_same_quantized_weights(mode):
+    model = _quantized_model(mode)
+    if mode != "float8":  # QLoRA: adapters on a quantized projection
+        model.get_layer("mha").query_dense.enable_lora(2)
+        lora_b = model.get_layer("mha").query_dense.lora_kernel_b
+        lora_b.assign(RNG.normal(size=lora_b.shape))
+    new = convert.to_multimax(model, replace_softmax=True)
+    _assert_converted(model, new, {"head": "head_logits"})
+    for name in ("mha", "gqa"):
+        for attr in ("_query_dense", "_key_dense", "_value_dense", "_output_dense"):
+            assert getattr(new.get_layer(name), attr).quantization_mode == mode
+    assert new.get_layer("head_logits").quantization_mode == mode
+    assert new.get_layer("head").dtype_policy.quantization_mode is None
+    if mode != "float8":
+        assert new.get_layer("mha").query_dense.lora_enabled
+    np.testing.assert_allclose(_np(new(X)), _np(model(X)), atol=1e-6)
+    for w in new.weights:
+        if w.name == "ts":
+            w.assign(np.full(w.shape, 0.5))
+    assert np.max(np.abs(_np(new(X)) - _np(model(X)))) > 1e-4
+
+
+def test_quantization_that_cannot_be_repeated_says_convert_first(monkeypatch):
+    model = _quantized_model("int8")
+
+    def refuse(self, mode=None, type_check=True, config=None):
+        raise NotImplementedError(f"cannot quantize to {mode}")
+
+    monkeypatch.setattr(keras.layers.EinsumDense, "quantize", refuse)
+    with pytest.raises(
+        ValueError, match="projection 'query' of layer 'mha'.*Convert before quantizing"
+    ):
+        convert.to_multimax(model)
