@@ -14,8 +14,8 @@ VERSION = re.search(
 ).group(1)
 
 EXTRAS = {
-    # Plots of the analysis module and the examples' digits fallback.
-    "examples": ["matplotlib>=3.7", "scikit-learn>=1.3"],
+    # Plots, the digits fallback and the LiteRT check of the quickstart.
+    "examples": ["matplotlib>=3.7", "scikit-learn>=1.3", "ai-edge-litert"],
     # Runtimes to check exported models: LiteRT interpreter and ONNX.
     "export": ["ai-edge-litert", "onnxruntime", "tf2onnx", "onnx"],
 }

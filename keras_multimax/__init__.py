@@ -1,14 +1,22 @@
 """keras_multimax: MultiMax (Zhou, Fritz & Keuper, ICML 2024) for Keras 3.
 
-``from keras_multimax import layers`` gives the Keras layers, ``ops`` the
-functions they call (`ops.multimax`, `ops.seglu`), ``convert.to_multimax``
-swaps MultiMax into an existing Functional or Sequential model.
+- ``layers``: `MultiMax`, `SegLU`, `MultiMaxAttention`,
+  `MultiMaxGroupQueryAttention` (registered serializable).
+- ``ops``: the functions the layers call (`ops.multimax`, `ops.seglu`).
+- ``convert.to_multimax``: swaps MultiMax into an existing Functional or
+  Sequential model.
+- ``models``: ViT, language-model and translator builders with SoftMax or
+  MultiMax; ``data``: their input pipelines; ``analysis``: attention sparsity,
+  multi-modality, a parameter logger and plots.
 """
 
+from keras_multimax import analysis
 from keras_multimax import convert
+from keras_multimax import data
 from keras_multimax import layers
+from keras_multimax import models
 from keras_multimax import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "convert", "layers", "ops"]
+__all__ = ["__version__", "analysis", "convert", "data", "layers", "models", "ops"]
