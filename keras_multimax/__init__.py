@@ -7,16 +7,27 @@
   Sequential model.
 - ``models``: ViT, language-model and translator builders with SoftMax or
   MultiMax; ``data``: their input pipelines; ``analysis``: attention sparsity,
-  multi-modality, a parameter logger and plots.
+  multi-modality, a parameter logger and plots; ``distribute``: strategy
+  choice (TPU > workers > GPUs > CPU) that works with Keras' ``fit``.
 """
 
 from keras_multimax import analysis
 from keras_multimax import convert
 from keras_multimax import data
+from keras_multimax import distribute
 from keras_multimax import layers
 from keras_multimax import models
 from keras_multimax import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "analysis", "convert", "data", "layers", "models", "ops"]
+__all__ = [
+    "__version__",
+    "analysis",
+    "convert",
+    "data",
+    "distribute",
+    "layers",
+    "models",
+    "ops",
+]
