@@ -15,6 +15,16 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+try:  # Whether a gradient tape is recording (see "Export" below).
+    from tensorflow.python.eager.record import (
+        could_possibly_record as _tape_is_recording,
+    )
+except ImportError:  # pragma: no cover - private API moved: never fuse forwards
+
+    def _tape_is_recording() -> bool:
+        return False
+
+
 TensorLike = tf.types.experimental.TensorLike
 
 __all__ = ["multimax", "seglu"]
@@ -154,11 +164,33 @@ def _prepare_mask(mask, x: tf.Tensor) -> tf.Tensor:
 # ---------------------------------------------------------------------------
 # The formula
 # ---------------------------------------------------------------------------
+#
+# Performance (measured by benchmarks/bench_ops.py): on CPU each TensorFlow op
+# is one pass over memory and the modulator alone is a dozen elementwise ops.
+# The elementwise work is therefore written once (`_modulate`, `_partials`)
+# and compiled by XLA into one fused kernel per pass: the `_*_kernel`
+# functions are inner `tf.function(jit_compile=True)`s (inside an outer XLA
+# function they are simply inlined). Reductions stay TensorFlow ops, which on
+# CPU are several times faster than XLA's, and the normalisation is
+# `tf.nn.softmax`. The parameter gradients are one stacked reduction, scaled
+# by the slopes after it.
+#
+# Export: tf2onnx (and Grappler) do not inline functions marked for XLA, so
+# the forward runs as a kernel only while a gradient tape records (training
+# steps, eagerly or in a graph); inference, and so every exported graph, uses
+# the same formula as plain ops, and eager inference gives exactly what the
+# exported graph gives. The backward kernels only appear in gradient graphs
+# (a SavedModel keeps them as the custom gradient, which reloads).
 
 
-def _unstack_parameters(p: tf.Tensor, dtype: tf.DType) -> list[tf.Tensor]:
+def _kernel(fn):
+    return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def _split_parameters(p: tf.Tensor, dtype: tf.DType) -> list[tf.Tensor]:
     """Splits a (..., 2K) parameter into 2K tensors that broadcast against x."""
-    return tf.unstack(tf.cast(p, dtype), axis=-1)
+    p = tf.cast(p, dtype)
+    return [p[..., i] for i in range(p.shape[-1])]
 
 
 def _modulate(x: tf.Tensor, r: list[tf.Tensor], t: list[tf.Tensor]) -> tf.Tensor:
@@ -167,48 +199,202 @@ def _modulate(x: tf.Tensor, r: list[tf.Tensor], t: list[tf.Tensor]) -> tf.Tensor
     for k in range(len(t) // 2):
         lower = tf.nn.relu(r[2 * k] - x)
         upper = tf.nn.relu(x - r[2 * k + 1])
-        if k:
-            lower_k, upper_k = lower, upper
-            for _ in range(k):
-                lower = lower * lower_k
-                upper = upper * upper_k
-        out = out + t[2 * k] * lower + t[2 * k + 1] * upper
+        lower_k1, upper_k1 = lower, upper
+        for _ in range(k):
+            lower_k1 = lower_k1 * lower
+            upper_k1 = upper_k1 * upper
+        out = out + t[2 * k] * lower_k1 + t[2 * k + 1] * upper_k1
     return out
 
 
-def _modulator_partials(x, r, t):
-    """Yields (∂σ/∂ranges[i], ∂σ/∂ts[i]) for i = 0 … 2K−1.
+def _partials(x, r, t):
+    """Returns ∂σ/∂x and the factors of ∂σ/∂ranges and ∂σ/∂ts.
 
     With ``lo = relu(b − x)`` and ``hi = relu(x − d)`` at order ``k+1``:
     ``∂σ/∂b = (k+1)·t_b·lo^k``, ``∂σ/∂d = −(k+1)·t_d·hi^k`` (``lo^0``/``hi^0``
     being the step function, as relu' in autodiff), ``∂σ/∂t_b = lo^(k+1)``,
-    ``∂σ/∂t_d = hi^(k+1)``. Note ``∂σ/∂x = 1 − Σ_i ∂σ/∂ranges[i]``.
+    ``∂σ/∂t_d = hi^(k+1)`` and ``∂σ/∂x = 1 − Σ_i ∂σ/∂ranges[i]``. The factors
+    returned for ``ranges`` leave out ``±(k+1)·t`` (see `_range_scale`): it is
+    constant over every summed entry, so it is applied after the reduction.
     """
+    d_x = tf.ones_like(x)
+    ranges_factors, ts_factors = [], []
     for k in range(len(t) // 2):
         lower = tf.nn.relu(r[2 * k] - x)
         upper = tf.nn.relu(x - r[2 * k + 1])
         if k == 0:
-            lower_pow_k = tf.cast(lower > 0, x.dtype)
-            upper_pow_k = tf.cast(upper > 0, x.dtype)
-            lower_pow_k1, upper_pow_k1 = lower, upper
+            lower_k = tf.cast(lower > 0, x.dtype)
+            upper_k = tf.cast(upper > 0, x.dtype)
         else:
-            lower_pow_k, upper_pow_k = lower, upper
+            lower_k, upper_k = lower, upper
             for _ in range(k - 1):
-                lower_pow_k = lower_pow_k * lower
-                upper_pow_k = upper_pow_k * upper
-            lower_pow_k1 = lower_pow_k * lower
-            upper_pow_k1 = upper_pow_k * upper
-        yield (k + 1) * t[2 * k] * lower_pow_k, lower_pow_k1
-        yield -(k + 1) * t[2 * k + 1] * upper_pow_k, upper_pow_k1
+                lower_k = lower_k * lower
+                upper_k = upper_k * upper
+        d_x = d_x - (k + 1) * (t[2 * k] * lower_k - t[2 * k + 1] * upper_k)
+        ranges_factors += [lower_k, upper_k]
+        ts_factors += [lower_k * lower, upper_k * upper]
+    return d_x, ranges_factors, ts_factors
 
 
-def _sum_to_shape(value: tf.Tensor, shape: tf.TensorShape) -> tf.Tensor:
-    """Sums a broadcast gradient back to a (static) parameter shape."""
-    lead = value.shape.rank - shape.rank
-    axes = list(range(lead)) + [lead + i for i, d in enumerate(shape) if d == 1]
-    if axes:
-        value = tf.reduce_sum(value, axis=axes)
-    return tf.reshape(value, shape)
+def _range_scale(order: int, dtype: tf.DType) -> tf.Tensor:
+    """±(k+1) for ranges[2k] (+) and ranges[2k+1] (−)."""
+    return tf.constant(
+        [s * (k + 1) for k in range(order) for s in (1, -1)], dtype=dtype
+    )
+
+
+def _forward(x, ranges, ts, mask):
+    """σ(x), at most the largest float, with masked entries set to the lowest.
+
+    Masked entries are filled after σ, so their values (padding, -inf, NaN)
+    never reach the output. Finite fills only: exporters that lower `where` to
+    mul/add (tf2onnx) turn 0·inf into NaN.
+    """
+    compute = _compute_dtype(x.dtype)
+    z = _modulate(
+        tf.cast(x, compute),
+        _split_parameters(ranges, compute),
+        _split_parameters(ts, compute),
+    )
+    # An overflowing σ (+inf) would turn into inf − inf = NaN in the SoftMax.
+    z = tf.minimum(z, compute.max)
+    if mask is not None:
+        z = tf.where(mask, z, compute.min)
+    return z
+
+
+def _seglu_forward(x, ranges, ts):
+    compute = _compute_dtype(x.dtype)
+    out = _modulate(
+        tf.cast(x, compute),
+        _split_parameters(ranges, compute),
+        _split_parameters(ts, compute),
+    )
+    return tf.cast(out, x.dtype)
+
+
+_forward_kernel = _kernel(_forward)
+_seglu_kernel = _kernel(_seglu_forward)
+
+
+def _use_forward_kernel() -> bool:
+    """The XLA forward kernel while a gradient tape records (see above)."""
+    return _tape_is_recording()
+
+
+@_kernel
+def _upstream_kernel(y, dy, s):
+    """∂L/∂σ = y·(dy − Σ dy·y), the SoftMax backward, in the compute dtype."""
+    compute = _compute_dtype(y.dtype)
+    return tf.cast(y, compute) * (tf.cast(dy, compute) - s)
+
+
+@_kernel
+def _grad_x_kernel(x, gs, ranges, ts):
+    """∂L/∂x = gs·σ'(x), in the dtype of x."""
+    compute = _compute_dtype(x.dtype)
+    gs = tf.cast(gs, compute)
+    d_x, _, _ = _partials(
+        tf.cast(x, compute),
+        _split_parameters(ranges, compute),
+        _split_parameters(ts, compute),
+    )
+    zero = tf.zeros_like(gs)
+    # gs = 0 (masked entries) gives 0 whatever x holds there (inf, NaN).
+    return tf.cast(tf.where(tf.equal(gs, 0), zero, gs * d_x), x.dtype)
+
+
+# Up to 2**2 slices are added inside the kernel before the stacked products
+# are written: the 4K products then cost a fraction of one pass, not 4K passes.
+_MAX_FOLDS = 2
+
+
+def _fold_plan(shape: tf.TensorShape, parameter_shape: tf.TensorShape):
+    """How `_grad_parameters_kernel` pre-sums the products (static).
+
+    Returns ``("flat", n)`` to sum all entries in ``2**n`` strided slices (the
+    parameters are shared by every entry), ``("axis0", n)`` to halve axis 0
+    ``n`` times (it is summed), or ``("none", 0)``.
+    """
+    if shape.rank is None:
+        return "none", 0
+    lead = shape.rank - parameter_shape.rank
+    if all(d == 1 for d in parameter_shape):
+        size = 1
+        for d in shape:
+            size *= d if d is not None else 1
+        folds = 0
+        while folds < _MAX_FOLDS and size % 2 == 0 and size > 2:
+            size //= 2
+            folds += 1
+        return "flat", folds
+    if shape.rank > 0 and (lead > 0 or parameter_shape[0] == 1):
+        size = shape[0]
+        folds = 0
+        while size is not None and folds < _MAX_FOLDS and size % 2 == 0:
+            size //= 2
+            folds += 1
+        return "axis0", folds
+    return "none", 0
+
+
+def _halve(v: tf.Tensor, times: int) -> tf.Tensor:
+    for _ in range(times):
+        half = v.shape[0] // 2
+        v = v[:half] + v[half:]
+    return v
+
+
+@_kernel
+def _grad_parameters_kernel(x, gs, ranges, ts, plan):
+    """gs · factor for the 4K parameter factors, stacked on a new first axis.
+
+    Pre-summed in the kernel according to ``plan`` (see `_fold_plan`). XLA
+    computes each stacked factor in its own loop (re-reading x and gs), which
+    is still far cheaper than 4K separate TensorFlow ops.
+    """
+    compute = _compute_dtype(x.dtype)
+    gs = tf.cast(gs, compute)
+    _, ranges_factors, ts_factors = _partials(
+        tf.cast(x, compute),
+        _split_parameters(ranges, compute),
+        _split_parameters(ts, compute),
+    )
+    zero = tf.zeros_like(gs)
+    is_zero = tf.equal(gs, 0)
+    kind, folds = plan
+    out = []
+    for f in ranges_factors + ts_factors:
+        p = tf.where(is_zero, zero, gs * f)
+        if kind == "flat":
+            p = _halve(tf.reshape(p, [2**folds, -1]), folds)[0]
+        elif kind == "axis0":
+            p = _halve(p, folds)
+        out.append(p)
+    return tf.stack(out)
+
+
+def _parameter_gradients(x, gs, ranges, ts):
+    """Gradients of ranges and ts, (..., 2K), given gs = ∂L/∂σ."""
+    compute = _compute_dtype(x.dtype)
+    shape = ranges.shape[:-1]
+    plan = _fold_plan(tf.broadcast_static_shape(x.shape, shape), shape)
+    stacked = _grad_parameters_kernel(x, gs, ranges, ts, plan)
+    if plan[0] == "flat":
+        # A matrix-vector product: a multithreaded kernel also under XLA, whose
+        # reductions to a scalar are sequential on CPU.
+        ones = tf.ones(tf.shape(stacked)[1:], stacked.dtype)
+        sums = tf.linalg.matvec(stacked, ones)
+    else:
+        lead = stacked.shape.rank - 1 - shape.rank
+        axes = [1 + i for i in range(lead)]
+        axes += [1 + lead + i for i, d in enumerate(shape) if d == 1]
+        sums = tf.reduce_sum(stacked, axis=axes) if axes else stacked
+    n = ts.shape[-1]
+    sums = tf.reshape(sums, [2 * n, *shape])
+    sums = tf.transpose(sums, [*range(1, shape.rank + 1), 0])
+    d_ranges = sums[..., :n] * tf.cast(ts, compute) * _range_scale(n // 2, compute)
+    return tf.cast(d_ranges, ranges.dtype), tf.cast(sums[..., n:], ts.dtype)
 
 
 def _sum_to_input_shape(grad: tf.Tensor, x_shape: tf.TensorShape, shape) -> tf.Tensor:
@@ -220,26 +406,12 @@ def _sum_to_input_shape(grad: tf.Tensor, x_shape: tf.TensorShape, shape) -> tf.T
     return tf.reduce_sum(grad, axis=axes, keepdims=True) if axes else grad
 
 
-def _keep(x: tf.Tensor, mask) -> tf.Tensor:
-    """Replaces masked entries by 0 before σ sees them.
-
-    Their values (padding, -inf, NaN, 1e30) must not reach the partial
-    derivatives, where 0·inf would turn the sums for `ranges`/`ts` into NaN.
-    """
-    return x if mask is None else tf.where(mask, x, tf.zeros_like(x))
-
-
-def _parameter_gradients(gs, x, r, t, shape):
-    """Gradients of x, ranges and ts given gs = ∂L/∂σ (in the compute dtype)."""
-    d_ranges, d_ts = [], []
-    grad_x = gs
-    for d_sigma_d_r, d_sigma_d_t in _modulator_partials(x, r, t):
-        u = gs * d_sigma_d_r
-        grad_x = grad_x - u
-        d_ranges.append(_sum_to_shape(u, shape))
-        d_ts.append(_sum_to_shape(gs * d_sigma_d_t, shape))
-    grad_x = _sum_to_input_shape(grad_x, x.shape, shape)
-    return grad_x, tf.stack(d_ranges, axis=-1), tf.stack(d_ts, axis=-1)
+def _softmax(z: tf.Tensor, axes) -> tf.Tensor:
+    if len(axes) == 1:
+        return tf.nn.softmax(z, axis=axes[0])
+    z = z - tf.reduce_max(z, axis=axes, keepdims=True)
+    e = tf.exp(z)
+    return e / tf.reduce_sum(e, axis=axes, keepdims=True)
 
 
 def _prepare(x, ranges, ts):
@@ -293,29 +465,17 @@ def seglu(x: TensorLike, ranges: TensorLike, ts: TensorLike) -> tf.Tensor:
 
 
 def _seglu(x, ranges, ts):
-    dtype = x.dtype
-    compute = _compute_dtype(dtype)
     shape = ranges.shape[:-1]
+    forward = _seglu_kernel if _use_forward_kernel() else _seglu_forward
 
     @tf.custom_gradient
     def fn(x_, ranges_, ts_):
-        xc = tf.cast(x_, compute)
-        r = _unstack_parameters(ranges_, compute)
-        t = _unstack_parameters(ts_, compute)
-        out = tf.cast(_modulate(xc, r, t), dtype)
-
         def grad(dy):
-            gs = tf.cast(dy, compute)
-            # Recast rather than keep a float32 copy of a float16 input alive.
-            xg = tf.cast(x_, compute)
-            gx, gr, gt = _parameter_gradients(gs, xg, r, t, shape)
-            return (
-                tf.cast(gx, x_.dtype),
-                tf.cast(gr, ranges_.dtype),
-                tf.cast(gt, ts_.dtype),
-            )
+            gx = _grad_x_kernel(x_, dy, ranges_, ts_)
+            gr, gt = _parameter_gradients(x_, dy, ranges_, ts_)
+            return _sum_to_input_shape(gx, x_.shape, shape), gr, gt
 
-        return out, grad
+        return forward(x_, ranges_, ts_), grad
 
     return fn(x, ranges, ts)
 
@@ -384,43 +544,27 @@ def _multimax(x, ranges, ts, axes, mask):
     dtype = x.dtype
     compute = _compute_dtype(dtype)
     shape = ranges.shape[:-1]
-    largest, lowest = compute.max, compute.min
+    forward = _forward_kernel if _use_forward_kernel() else _forward
 
     @tf.custom_gradient
     def fn(x_, ranges_, ts_):
-        xc = _keep(tf.cast(x_, compute), mask)
-        r = _unstack_parameters(ranges_, compute)
-        t = _unstack_parameters(ts_, compute)
-        # An overflowing σ (+inf) would turn into inf - inf = NaN below.
-        z = tf.minimum(_modulate(xc, r, t), largest)
-        if mask is None:
-            z = z - tf.reduce_max(z, axis=axes, keepdims=True)
-            e = tf.exp(z)
-        else:
-            # Finite fills only: exporters that lower `where` to mul/add
-            # (tf2onnx) turn 0·inf into NaN. exp(...) <= 1 here, so the mask
-            # product is exact and a fully masked slice sums to 0.
-            z = tf.where(mask, z, lowest)
-            e = tf.exp(z - tf.reduce_max(z, axis=axes, keepdims=True))
-            e = e * tf.cast(mask, compute)
-        total = tf.reduce_sum(e, axis=axes, keepdims=True)
+        y = _softmax(forward(x_, ranges_, ts_, mask), axes)
         if mask is not None:
-            total = tf.where(total > 0, total, tf.ones_like(total))
-        y = e * tf.math.reciprocal(total)
+            # Exact zeros where masked; a fully masked slice (all filled with
+            # the lowest float, so uniform) gives zeros.
+            y = y * tf.cast(mask, compute)
+        # The backward keeps x_ and this output only (no float32 copy).
+        y = tf.cast(y, dtype)
 
         def grad(dy):
-            dy = tf.cast(dy, compute)
-            # Softmax backward; y = 0 at masked entries, so they get 0.
-            gs = y * (dy - tf.reduce_sum(dy * y, axis=axes, keepdims=True))
-            # Recast rather than keep a float32 copy of a float16 input alive.
-            xg = _keep(tf.cast(x_, compute), mask)
-            gx, gr, gt = _parameter_gradients(gs, xg, r, t, shape)
-            return (
-                tf.cast(gx, x_.dtype),
-                tf.cast(gr, ranges_.dtype),
-                tf.cast(gt, ts_.dtype),
-            )
+            yc = tf.cast(y, compute)
+            s = tf.reduce_sum(tf.cast(dy, compute) * yc, axis=axes, keepdims=True)
+            # gs = y·(dy − s) is 0 at masked entries, and so are their gradients.
+            gs = _upstream_kernel(y, dy, s)
+            gx = _grad_x_kernel(x_, gs, ranges_, ts_)
+            gr, gt = _parameter_gradients(x_, gs, ranges_, ts_)
+            return _sum_to_input_shape(gx, x_.shape, shape), gr, gt
 
-        return tf.cast(y, dtype), grad
+        return y, grad
 
     return fn(x, ranges, ts)
