@@ -172,8 +172,9 @@ def _prepare_mask(mask, x: tf.Tensor) -> tf.Tensor:
 # functions are inner `tf.function(jit_compile=True)`s (inside an outer XLA
 # function they are simply inlined). Reductions stay TensorFlow ops, which on
 # CPU are several times faster than XLA's, and the normalisation is
-# `tf.nn.softmax`. The parameter gradients are one stacked reduction, scaled
-# by the slopes after it.
+# `tf.nn.softmax`. The parameter gradients are one stacked reduction (from
+# order 2, pairs of factors packed as complex numbers), scaled by the slopes
+# after it.
 #
 # Export: tf2onnx (and Grappler) do not inline functions marked for XLA, so
 # the forward runs as a kernel only while a gradient tape records (training
@@ -345,13 +346,19 @@ def _halve(v: tf.Tensor, times: int) -> tf.Tensor:
     return v
 
 
+# From order 2 on, factors go in pairs as the real and imaginary parts of one
+# complex number: XLA computes each stacked entry in its own loop (re-reading
+# x and gs), so this halves the loops. Measured at order 1 it is slower under
+# an outer XLA compilation, so order 1 stacks real numbers.
+_COMPLEX_FROM_FACTORS = 8
+
+
 @_kernel
 def _grad_parameters_kernel(x, gs, ranges, ts, plan):
-    """gs · factor for the 4K parameter factors, stacked on a new first axis.
+    """gs · factor for the 4K parameter factors, pre-summed (see `_fold_plan`).
 
-    Pre-summed in the kernel according to ``plan`` (see `_fold_plan`). XLA
-    computes each stacked factor in its own loop (re-reading x and gs), which
-    is still far cheaper than 4K separate TensorFlow ops.
+    Returns a stack of 4K real or 2K complex entries (see
+    `_COMPLEX_FROM_FACTORS`).
     """
     compute = _compute_dtype(x.dtype)
     gs = tf.cast(gs, compute)
@@ -362,10 +369,12 @@ def _grad_parameters_kernel(x, gs, ranges, ts, plan):
     )
     zero = tf.zeros_like(gs)
     is_zero = tf.equal(gs, 0)
+    factors = [tf.where(is_zero, zero, gs * f) for f in ranges_factors + ts_factors]
+    if len(factors) >= _COMPLEX_FROM_FACTORS:
+        factors = [tf.complex(a, b) for a, b in zip(factors[0::2], factors[1::2])]
     kind, folds = plan
     out = []
-    for f in ranges_factors + ts_factors:
-        p = tf.where(is_zero, zero, gs * f)
+    for p in factors:
         if kind == "flat":
             p = _halve(tf.reshape(p, [2**folds, -1]), folds)[0]
         elif kind == "axis0":
@@ -380,17 +389,23 @@ def _parameter_gradients(x, gs, ranges, ts):
     shape = ranges.shape[:-1]
     plan = _fold_plan(tf.broadcast_static_shape(x.shape, shape), shape)
     stacked = _grad_parameters_kernel(x, gs, ranges, ts, plan)
-    if plan[0] == "flat":
-        # A matrix-vector product: a multithreaded kernel also under XLA, whose
-        # reductions to a scalar are sequential on CPU.
+    if plan[0] == "flat" and not stacked.dtype.is_complex:
+        # A matrix-vector product: a multithreaded kernel, also under XLA,
+        # whose reductions to a scalar run sequentially on CPU.
         ones = tf.ones(tf.shape(stacked)[1:], stacked.dtype)
         sums = tf.linalg.matvec(stacked, ones)
+    elif plan[0] == "flat":
+        sums = tf.reduce_sum(stacked, axis=1)
     else:
         lead = stacked.shape.rank - 1 - shape.rank
         axes = [1 + i for i in range(lead)]
         axes += [1 + lead + i for i, d in enumerate(shape) if d == 1]
         sums = tf.reduce_sum(stacked, axis=axes) if axes else stacked
     n = ts.shape[-1]
+    if stacked.dtype.is_complex:
+        # (2K complex) -> (4K real), back in the order of the factors.
+        sums = tf.reshape(sums, [n, *shape])
+        sums = tf.stack([tf.math.real(sums), tf.math.imag(sums)], axis=1)
     sums = tf.reshape(sums, [2 * n, *shape])
     sums = tf.transpose(sums, [*range(1, shape.rank + 1), 0])
     d_ranges = sums[..., :n] * tf.cast(ts, compute) * _range_scale(n // 2, compute)
