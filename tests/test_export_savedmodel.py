@@ -94,7 +94,12 @@ def check(name, kind, path, variables_of, call, atol):
     for i, g in enumerate(grads):
         ref = data[f"grad_{i}"]
         assert g is not None, (name, i)
-        np.testing.assert_allclose(g.numpy(), ref, rtol=1e-5, atol=atol, err_msg=f"{name} {i}")
+        # float32 sums over batch and positions, in another order in a graph:
+        # 1e-5 relative to the largest entry of the gradient.
+        scale = max(1.0, float(np.max(np.abs(ref))))
+        np.testing.assert_allclose(
+            g.numpy(), ref, rtol=1e-5, atol=atol * scale, err_msg=f"{name} {i}"
+        )
         err = max(err, float(np.max(np.abs(g.numpy() - ref))))
     ops = all_ops(gradients, x0)
     assert "ReluGrad" not in ops, (name, kind, sorted(ops))
