@@ -8,13 +8,15 @@
 - ``models``: ViT, language-model and translator builders with SoftMax or
   MultiMax; ``data``: their input pipelines; ``analysis``: attention sparsity,
   multi-modality, a parameter logger and plots; ``distribute``: strategy
-  choice (TPU > workers > GPUs > CPU) that works with Keras' ``fit``.
+  choice (TPU > workers > GPUs > CPU) that works with Keras' ``fit``;
+  ``export.export_all``: every deployment format, checked against Keras.
 """
 
 from keras_multimax import analysis
 from keras_multimax import convert
 from keras_multimax import data
 from keras_multimax import distribute
+from keras_multimax import export
 from keras_multimax import layers
 from keras_multimax import models
 from keras_multimax import ops
@@ -27,6 +29,7 @@ __all__ = [
     "convert",
     "data",
     "distribute",
+    "export",
     "layers",
     "models",
     "ops",
