@@ -16,8 +16,9 @@ VERSION = re.search(
 EXTRAS = {
     # Plots, the digits fallback and the LiteRT check of the quickstart.
     "examples": ["matplotlib>=3.7", "scikit-learn>=1.3", "ai-edge-litert"],
-    # Runtimes to check exported models: LiteRT interpreter and ONNX.
-    "export": ["ai-edge-litert", "onnxruntime", "tf2onnx", "onnx"],
+    # Runtimes to check exported models (LiteRT interpreter, ONNX), and the
+    # offline digits that examples/export.py trains on.
+    "export": ["ai-edge-litert", "onnxruntime", "tf2onnx", "onnx", "scikit-learn>=1.3"],
 }
 EXTRAS["test"] = sorted(
     {"pytest>=7", "ruff>=0.6", *EXTRAS["examples"], *EXTRAS["export"]}
