@@ -451,35 +451,76 @@ def _date_surface_forms(d: datetime.date) -> list[str]:
     ]
 
 
+_FIRST_DATE = datetime.date(1900, 1, 1).toordinal()
+_LAST_DATE = datetime.date(2099, 12, 31).toordinal()
+
+
 def date_translation_pairs(
-    num_examples: int, seed: int = 0
+    num_examples: int,
+    seed: int = 0,
+    split: str | None = None,
+    test_fraction: float = 0.1,
 ) -> tuple[list[str], list[str]]:
     """Generated (source, target) date pairs, e.g. "28 November 2026" → "2026-11-28".
 
-    Dates are drawn uniformly from 1900-01-01 to 2099-12-31 and written in one
-    of 18 surface forms (month names, abbreviations, ordinals, weekdays,
-    numeric day.month.year, upper/lower case); the target is always the ISO
-    date. Numeric forms are day-first only, so every source is unambiguous.
+    Dates are drawn uniformly (with replacement) from 1900-01-01 to
+    2099-12-31 and written in one of 18 surface forms (month names,
+    abbreviations, ordinals, weekdays, numeric day.month.year, upper/lower
+    case); the target is always the ISO date. Numeric forms are day-first
+    only, so every source is unambiguous.
+
+    With ``split="train"`` or ``split="test"`` the 73,049 calendar dates are
+    first partitioned by a permutation drawn from ``seed``: a fraction
+    ``test_fraction`` of them are test dates, the rest training dates, and
+    pairs are drawn only from the requested part. With the same ``seed`` the
+    two splits therefore share no date in any surface form, so a test pair
+    can never be a training pair written differently. ``split=None`` draws
+    from all dates.
 
     Example:
 
     >>> sources, targets = date_translation_pairs(2, seed=1)
     >>> len(sources), all(len(t) == 10 and t[4] == "-" for t in targets)
     (2, True)
+    >>> _, train = date_translation_pairs(500, seed=3, split="train")
+    >>> _, test = date_translation_pairs(500, seed=3, split="test")
+    >>> set(train) & set(test)
+    set()
 
     Args:
         num_examples: Number of pairs.
-        seed: Random seed.
+        seed: Random seed (of both the partition and the draws).
+        split: ``None`` (all dates), ``"train"`` or ``"test"``.
+        test_fraction: Fraction of the dates reserved for ``split="test"``,
+            in (0, 1).
 
     Returns:
         Two lists of strings: sources and targets.
     """
     _check_positive("num_examples", num_examples)
-    rng = np.random.default_rng(seed)
-    start = datetime.date(1900, 1, 1).toordinal()
-    end = datetime.date(2099, 12, 31).toordinal()
+    if split not in (None, "train", "test"):
+        raise ValueError(
+            f"`split` must be None, 'train' or 'test'. Received: split={split!r}"
+        )
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(
+            "`test_fraction` must be in (0, 1). "
+            f"Received: test_fraction={test_fraction!r}"
+        )
+    if split is None:
+        rng = np.random.default_rng(seed)
+        ordinals = rng.integers(_FIRST_DATE, _LAST_DATE + 1, size=num_examples)
+    else:
+        all_dates = np.arange(_FIRST_DATE, _LAST_DATE + 1)
+        permuted = np.random.default_rng(seed).permutation(all_dates)
+        num_test = max(1, int(round(test_fraction * len(all_dates))))
+        pool = permuted[:num_test] if split == "test" else permuted[num_test:]
+        # An independent stream per split, so that the draws of one split do
+        # not depend on the other's size.
+        rng = np.random.default_rng([seed, 1 if split == "test" else 2])
+        ordinals = pool[rng.integers(len(pool), size=num_examples)]
     sources, targets = [], []
-    for ordinal in rng.integers(start, end + 1, size=num_examples):
+    for ordinal in ordinals:
         d = datetime.date.fromordinal(int(ordinal))
         forms = _date_surface_forms(d)
         sources.append(forms[int(rng.integers(len(forms)))])
@@ -543,7 +584,11 @@ def translation(
         num_date_examples: Training and test pairs of the date task.
         download: Let tfds download and prepare the dataset if missing.
         data_dir: tfds data directory.
-        seed: Shuffling and generation seed (the test dates use ``seed + 1``).
+        seed: Shuffling and generation seed. The date task splits by date:
+            ``seed`` reserves 10% of the calendar dates for the test set, and
+            training pairs are drawn from the other 90%, so no test date
+            occurs in training in any surface form (see
+            `date_translation_pairs`).
 
     Returns:
         A `TaskData` with ``info`` keys ``source_vocabulary``,
@@ -591,8 +636,8 @@ def translation(
                 "'2026-11-28')",
             )
         n_train, n_test = num_date_examples
-        train_pairs = date_translation_pairs(n_train, seed=seed)
-        test_pairs = date_translation_pairs(n_test, seed=seed + 1)
+        train_pairs = date_translation_pairs(n_train, seed=seed, split="train")
+        test_pairs = date_translation_pairs(n_test, seed=seed, split="test")
         source = "offline:dates"
     src_vocab = CharVocabulary.from_texts(train_pairs[0])
     tgt_vocab = CharVocabulary.from_texts(train_pairs[1])
