@@ -24,14 +24,30 @@ def _tf_config_workers() -> int:
     return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
+def _tpu_hint(tpu: str | None) -> str | None:
+    """The cheap TPU checks (argument, env vars, /dev): never starts the runtime."""
+    if tpu:
+        return f"TPU given explicitly: {tpu!r}"
+    for var in ("TPU_NAME", "COLAB_TPU_ADDR"):
+        if os.environ.get(var):
+            return f"{var}={os.environ[var]!r} is set"
+    local = glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*")
+    if local:
+        return f"local TPU devices found: {', '.join(sorted(local))}"
+    return None
+
+
 def tpu_reachable(tpu: str | None = None) -> tuple[bool, str]:
     """Whether a TPU can be used, without probing the network blindly.
 
-    A TPU counts as reachable when TensorFlow already lists TPU devices, when
-    `tpu` (a name or ``grpc://`` address) is given, when ``TPU_NAME`` or
-    ``COLAB_TPU_ADDR`` is set, or when a TPU VM's local devices
-    (``/dev/accel*``, ``/dev/vfio/<n>``) exist. Cloud metadata servers are
-    never contacted otherwise, so this is fast and offline-safe.
+    A TPU counts as reachable when `tpu` (a name or ``grpc://`` address) is
+    given, when ``TPU_NAME`` or ``COLAB_TPU_ADDR`` is set, when a TPU VM's
+    local devices (``/dev/accel*``, ``/dev/vfio/<n>``) exist, or when
+    TensorFlow already lists TPU devices. Cloud metadata servers are never
+    contacted, so this is fast and offline-safe. Only the last check asks
+    TensorFlow, which initialises its runtime: call `choose_strategy` (or
+    create a `tf.distribute.MultiWorkerMirroredStrategy`) first in a
+    multi-worker job.
 
     Example:
 
@@ -45,16 +61,11 @@ def tpu_reachable(tpu: str | None = None) -> tuple[bool, str]:
     Returns:
         ``(reachable, reason)``; ``reason`` says what was found or missing.
     """
+    hint = _tpu_hint(tpu)
+    if hint:
+        return True, hint
     if tf.config.list_logical_devices("TPU"):
         return True, "TensorFlow already lists TPU devices"
-    if tpu:
-        return True, f"TPU given explicitly: {tpu!r}"
-    for var in ("TPU_NAME", "COLAB_TPU_ADDR"):
-        if os.environ.get(var):
-            return True, f"{var}={os.environ[var]!r} is set"
-    local = glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*")
-    if local:
-        return True, f"local TPU devices found: {', '.join(sorted(local))}"
     return False, (
         "no TPU: TensorFlow lists no TPU device, TPU_NAME and COLAB_TPU_ADDR "
         "are unset and there is no /dev/accel* or /dev/vfio/<n> device"
@@ -122,7 +133,19 @@ def multi_worker_strategy(**kwargs) -> tf.distribute.MultiWorkerMirroredStrategy
     Returns:
         The strategy. Create it before any other TensorFlow operation.
     """
-    return _reduce_nests(tf.distribute.MultiWorkerMirroredStrategy(**kwargs))
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(**kwargs)
+    except RuntimeError as e:
+        if "program startup" not in str(e):
+            raise
+        raise RuntimeError(
+            f"{e}: TensorFlow's runtime was started (by an op, a device "
+            "listing such as `tf.config.list_logical_devices`, or a model) "
+            "before the multi-worker strategy was created. Call "
+            "`choose_strategy()` or `multi_worker_strategy()` first in every "
+            "worker."
+        ) from e
+    return _reduce_nests(strategy)
 
 
 def choose_strategy(
@@ -131,8 +154,10 @@ def choose_strategy(
     """Returns the distribution strategy for the hardware at hand.
 
     With ``preference="auto"`` the order is: a reachable TPU
-    (`tf.distribute.TPUStrategy`), a ``TF_CONFIG`` naming several workers
-    (`tf.distribute.MultiWorkerMirroredStrategy`), several GPUs
+    (`tf.distribute.TPUStrategy`, see `tpu_reachable`), a ``TF_CONFIG``
+    naming several workers (`tf.distribute.MultiWorkerMirroredStrategy`,
+    chosen before anything starts TensorFlow's runtime, as that strategy
+    requires: call this first in every worker), several GPUs
     (`tf.distribute.MirroredStrategy`), one GPU (`tf.distribute.OneDeviceStrategy`),
     else the default strategy (CPU). ``"cpu"`` pins the CPU even when GPUs
     are visible. Build and compile the model inside
@@ -159,12 +184,11 @@ def choose_strategy(
             f"`preference` must be one of {_PREFERENCES}. "
             f"Received: preference={preference!r}"
         )
-    if preference in ("auto", "tpu"):
-        reachable, reason = tpu_reachable(tpu)
-        if reachable:
-            return _connect_tpu(tpu)
-        if preference == "tpu":
-            raise RuntimeError(f"`preference='tpu'` but {reason}.")
+    # `MultiWorkerMirroredStrategy` must be created before TensorFlow's
+    # runtime starts (listing devices starts it): in "auto" mode only the
+    # cheap TPU checks may run before the TF_CONFIG check.
+    if preference == "auto" and _tpu_hint(tpu):
+        return _connect_tpu(tpu)
     if preference in ("auto", "multi_worker"):
         if _tf_config_workers() > 1:
             return multi_worker_strategy()
@@ -173,6 +197,12 @@ def choose_strategy(
                 "`preference='multi_worker'` needs a TF_CONFIG environment "
                 "variable naming at least two workers."
             )
+    if preference in ("auto", "tpu"):
+        reachable, reason = tpu_reachable(tpu)
+        if reachable:
+            return _connect_tpu(tpu)
+        if preference == "tpu":
+            raise RuntimeError(f"`preference='tpu'` but {reason}.")
     gpus = tf.config.list_logical_devices("GPU")
     if preference in ("auto", "gpus"):
         if len(gpus) > 1:

@@ -16,16 +16,19 @@ import pytest
 import tensorflow as tf
 from distributed_workers import common
 
+from keras_multimax import distribute
+
 ATOL = 1e-5  # float32 round-off of a different all-reduce order
 RTOL = 1e-4
 TIMEOUT = 240  # seconds for the whole 2-worker job
 
 
-def _run_workers(tmp_path, input_npz, epochs):
+def _run_workers(tmp_path, *args, script="multiworker_worker.py", timeout=TIMEOUT):
+    """Runs ``script INDEX PORTS *args`` for INDEX 0 and 1 as one job."""
     ports = [common.free_port(), common.free_port()]
     while ports[1] == ports[0]:
         ports[1] = common.free_port()
-    script = os.path.join(common.WORKERS_DIR, "multiworker_worker.py")
+    script = os.path.join(common.WORKERS_DIR, script)
     procs, logs = [], []
     try:
         for index in range(2):
@@ -38,9 +41,7 @@ def _run_workers(tmp_path, input_npz, epochs):
                         script,
                         str(index),
                         ",".join(map(str, ports)),
-                        str(input_npz),
-                        str(tmp_path),
-                        str(epochs),
+                        *map(str, args),
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -48,13 +49,13 @@ def _run_workers(tmp_path, input_npz, epochs):
                     cwd=common.WORKERS_DIR,
                 )
             )
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + timeout
         for proc in procs:
             remaining = deadline - time.monotonic()
             try:
                 proc.wait(timeout=max(remaining, 1))
             except subprocess.TimeoutExpired:
-                pytest.fail(f"multi-worker job exceeded {TIMEOUT} s")
+                pytest.fail(f"multi-worker job exceeded {timeout} s")
         for index, proc in enumerate(procs):
             logs[index].seek(0)
             text = logs[index].read()
@@ -78,7 +79,7 @@ def test_two_workers_fit_equals_single_process(tmp_path):
     input_npz = tmp_path / "input.npz"
     np.savez(input_npz, x=x, y=y, **{f"w{i}": w for i, w in enumerate(init)})
 
-    _run_workers(tmp_path, input_npz, epochs)
+    _run_workers(tmp_path, input_npz, tmp_path, epochs)
 
     # The single-process reference: same initial weights, same global batches,
     # full float32 as in the workers.
@@ -117,6 +118,53 @@ def test_two_workers_fit_equals_single_process(tmp_path):
             workers[0][path], expected, atol=ATOL, rtol=RTOL, err_msg=path
         )
     keras.backend.clear_session()
+
+
+def test_auto_creates_the_multi_worker_strategy_before_the_runtime(monkeypatch):
+    # `MultiWorkerMirroredStrategy` fails once TensorFlow's runtime has
+    # started, and listing devices starts it: with a multi-worker TF_CONFIG
+    # and no TPU hint, "auto" must not list devices before creating it.
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
+        '"task": {"type": "worker", "index": 0}}',
+    )
+    for var in ("TPU_NAME", "COLAB_TPU_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(distribute.glob, "glob", lambda pattern: [])
+
+    def runtime_call(*args, **kwargs):
+        raise AssertionError("TensorFlow's runtime queried before the strategy")
+
+    for name in ("list_logical_devices", "list_physical_devices"):
+        monkeypatch.setattr(tf.config, name, runtime_call)
+    created = object()
+    monkeypatch.setattr(distribute, "multi_worker_strategy", lambda: created)
+    assert distribute.choose_strategy() is created
+    assert distribute.choose_strategy("multi_worker") is created
+
+
+def test_multi_worker_strategy_after_runtime_start_says_what_to_do(monkeypatch):
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
+        '"task": {"type": "worker", "index": 0}}',
+    )
+    tf.constant(1.0) + 1.0  # the runtime is running in this process
+    with pytest.raises(RuntimeError, match="Call `choose_strategy\\(\\)`"):
+        distribute.multi_worker_strategy()
+
+
+@pytest.mark.slow
+def test_two_workers_auto_strategy_all_reduce(tmp_path):
+    # The documented multi-machine use: the same command on every worker,
+    # TF_CONFIG set, default `choose_strategy()` ("auto").
+    _run_workers(tmp_path, tmp_path, script="auto_strategy_worker.py", timeout=120)
+    for index in range(2):
+        meta = common.read_json(tmp_path / f"worker{index}.json")
+        assert meta["is_multi_worker"], meta
+        assert meta["num_replicas"] == 2, meta
+        assert meta["sum"] == 1.0 + 2.0, meta  # both workers' values summed
 
 
 @pytest.mark.slow
