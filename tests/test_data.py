@@ -172,6 +172,36 @@ def test_date_translation_task(capsys):
     assert set(tgt_vocab.chars) <= set("0123456789-")
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_date_translation_test_dates_never_occur_in_training(seed):
+    # Sizes of examples/reproduce.py: drawn independently, about a quarter of
+    # the 500 test dates would also be training dates.
+    task = data.translation(
+        "dates", num_date_examples=(6000, 500), batch_size=500, seed=seed
+    )
+    tgt_vocab = task.info["target_vocabulary"]
+    train_dates = {
+        tgt_vocab.decode(row) for _, tgt in task.train for row in tgt.numpy()
+    }
+    test_dates = {tgt_vocab.decode(row) for _, tgt in task.test for row in tgt.numpy()}
+    assert len(train_dates) > 5000 and len(test_dates) > 450
+    assert test_dates == set(task.info["test_targets"])
+    assert all(len(d) == 10 for d in train_dates | test_dates)
+    assert train_dates.isdisjoint(test_dates), sorted(train_dates & test_dates)[:5]
+
+
+def test_date_translation_pairs_splits_partition_the_calendar():
+    num_days = (datetime.date(2099, 12, 31) - datetime.date(1900, 1, 1)).days + 1
+    _, test = data.date_translation_pairs(40000, seed=5, split="test")
+    _, train = data.date_translation_pairs(40000, seed=5, split="train")
+    # 40,000 draws from the 7,305 test dates reach nearly all of them.
+    assert 7200 < len(set(test)) <= round(0.1 * num_days)
+    assert set(train).isdisjoint(test)
+    # Another seed reserves other dates.
+    _, other = data.date_translation_pairs(40000, seed=6, split="test")
+    assert 0 < len(set(other) & set(test)) < 0.2 * len(set(test))
+
+
 def test_char_vocabulary():
     vocab = data.CharVocabulary.from_texts(["hello", "world"])
     assert vocab.chars == sorted(set("helloworld"))
@@ -195,6 +225,11 @@ def test_char_vocabulary():
         ),
         (lambda: data.translation("wmt14"), "name='wmt14'"),
         (lambda: data.date_translation_pairs(0), "num_examples=0"),
+        (lambda: data.date_translation_pairs(2, split="val"), "split='val'"),
+        (
+            lambda: data.date_translation_pairs(2, split="test", test_fraction=1.0),
+            "test_fraction=1.0",
+        ),
     ],
 )
 def test_bad_arguments(call, message):
