@@ -20,7 +20,8 @@ with a ``TF_CONFIG`` listing all workers and its own index, e.g. on the first::
 Worker 0 is the chief: it writes the exported model; the others save into a
 temporary folder (every worker must take part in saving) that is deleted.
 ``--local-workers N`` shows the set-up on one machine: it starts N copies of
-this script on 127.0.0.1 with free ports and such a ``TF_CONFIG`` each.
+this script on 127.0.0.1 with free ports and such a ``TF_CONFIG`` each, and
+the same ``--strategy`` (``auto`` by default, as on real machines).
 
 The model is a small sequence classifier over the rows of scikit-learn's 8x8
 digits (offline; scikit-learn comes with the ``examples`` extra):
@@ -93,9 +94,12 @@ def pick_strategy(args) -> tf.distribute.Strategy:
         name = "MultiWorkerMirroredStrategy"
     elif strategy is tf.distribute.get_strategy():
         name = "default strategy (CPU)"
-    if args.strategy == "auto" and not isinstance(
-        strategy, (tf.distribute.TPUStrategy, tf.distribute.MirroredStrategy)
-    ):
+    chosen = (
+        tf.distribute.TPUStrategy,
+        tf.distribute.MirroredStrategy,
+        tf.distribute.MultiWorkerMirroredStrategy,
+    )
+    if args.strategy == "auto" and not isinstance(strategy, chosen):
         _, why_no_tpu = distribute.tpu_reachable(args.tpu)
         gpus = len(tf.config.list_logical_devices("GPU"))
         name += f" ({why_no_tpu}; {gpus} GPU(s) visible)"
@@ -264,7 +268,17 @@ def _free_port() -> int:
 
 
 def run_local_workers(args) -> int:
-    """Starts ``args.local_workers`` copies of this script as one job."""
+    """Starts ``args.local_workers`` copies of this script as one job.
+
+    Each copy runs with ``--strategy`` as given (default ``auto``, the same
+    command a real multi-machine job runs on every machine).
+    """
+    if args.strategy not in ("auto", "multi_worker"):
+        print(
+            "--local-workers needs --strategy auto or multi_worker. "
+            f"Received: --strategy {args.strategy}"
+        )
+        return 2
     workers = [f"127.0.0.1:{_free_port()}" for _ in range(args.local_workers)]
     print(f"starting {len(workers)} workers: {', '.join(workers)}")
     argv = [a for a in sys.argv[1:] if not a.startswith("--local-workers")]
@@ -283,7 +297,7 @@ def run_local_workers(args) -> int:
             )
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, __file__, *argv, "--strategy", "multi_worker"],
+                    [sys.executable, __file__, *argv, "--strategy", args.strategy],
                     env=env,
                 )
             )
