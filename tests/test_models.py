@@ -318,3 +318,27 @@ def test_lm_and_translator_bad_arguments():
         models.TransformerTranslator(10, 2)
     with pytest.raises(ValueError, match=r"image_shape=\(8, 8\)"):
         models.ViTClassifier((8, 8), 10)
+
+
+def test_inputs_longer_than_the_maximum_length_raise_a_clear_value_error():
+    translator = models.TransformerTranslator(
+        12, 10, source_length=6, target_length=4, num_encoder_layers=1,
+        num_decoder_layers=1, hidden_dim=8, num_heads=2, mlp_dim=16,
+    )  # fmt: skip
+    lm = models.TransformerLM(
+        20, 8, num_layers=1, hidden_dim=8, num_heads=2, mlp_dim=16
+    )
+    ids = lambda length: np.ones((2, length), "int32")  # noqa: E731
+    # The maximum lengths themselves and shorter inputs work.
+    assert translator((ids(6), ids(4))).shape == (2, 4, 10)
+    assert translator((ids(3), ids(2))).shape == (2, 2, 10)
+    assert lm(ids(8)).shape == (2, 8, 20)
+    with pytest.raises(ValueError, match=r"'source_position_embedding'.* 7,.*=6"):
+        translator((ids(7), ids(4)))
+    with pytest.raises(ValueError, match=r"'target_position_embedding'.* 5,.*=4"):
+        translator((ids(6), ids(5)))
+    with pytest.raises(ValueError, match=r"'position_embedding'.* 9,.*=8"):
+        lm(ids(9))
+    # Also inside predict's traced function (static batch shape).
+    with pytest.raises(ValueError, match=r"'source_position_embedding'.* 7,.*=6"):
+        translator.predict((ids(7), ids(4)), verbose=0)

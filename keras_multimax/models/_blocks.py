@@ -103,7 +103,10 @@ def make_head(
 class PositionEmbedding(keras.layers.Layer):
     """Adds a learned position embedding to a ``(batch, length, dim)`` input.
 
-    Shorter inputs use the first positions.
+    Shorter inputs use the first positions. An input longer than
+    ``sequence_length`` raises a ``ValueError`` when its length is known
+    statically (eager calls, or traced with a fixed length); the models pass
+    their ``sequence_length``, ``source_length`` or ``target_length`` here.
 
     Args:
         sequence_length: Maximum input length.
@@ -130,6 +133,16 @@ class PositionEmbedding(keras.layers.Layer):
         )
 
     def call(self, inputs):
+        static_length = inputs.shape[1]
+        if static_length is not None and static_length > self.sequence_length:
+            raise ValueError(
+                f"Layer '{self.name}' received inputs of length {static_length}, "
+                f"longer than its maximum length sequence_length="
+                f"{self.sequence_length} (the model's `sequence_length`, "
+                "`source_length` or `target_length`): pass shorter inputs or "
+                "build the model with a larger maximum length. Received: "
+                f"inputs.shape={tuple(inputs.shape)}"
+            )
         length = keras.ops.shape(inputs)[1]
         positions = self.embeddings[:length]
         return inputs + keras.ops.cast(positions, inputs.dtype)
