@@ -10,6 +10,7 @@ prints that as a Markdown table.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +20,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["FORMATS", "ExportResult", "export_all", "format_table"]
+__all__ = [
+    "FORMATS",
+    "ExportResult",
+    "export_all",
+    "format_table",
+    "unavailable_formats",
+]
 
 FORMATS = ("keras", "tf_saved_model", "litert", "litert_dynamic_range", "onnx")
 
@@ -38,6 +45,12 @@ _FILES = {
     "onnx": "model.onnx",
 }
 _EXTRA = "the `export` extra: pip install 'keras-multimax[export]'"
+# format -> (module to import, package that provides it) for running it.
+_RUNTIMES = {
+    "litert": (("ai_edge_litert.interpreter", "ai-edge-litert"),),
+    "litert_dynamic_range": (("ai_edge_litert.interpreter", "ai-edge-litert"),),
+    "onnx": (("onnxruntime", "onnxruntime"), ("tf2onnx", "tf2onnx")),
+}
 
 
 @dataclasses.dataclass
@@ -186,11 +199,58 @@ def _register_tf2onnx_erfc() -> None:
             ctx.set_dtype(sub.output[0], dtype)
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def unavailable_formats(
+    formats: Sequence[str] = FORMATS,
+) -> dict[str, tuple[str, ...]]:
+    """The formats among `formats` whose runtime cannot be imported.
+
+    ``keras`` and ``tf_saved_model`` only need TensorFlow; the LiteRT
+    formats need ``ai-edge-litert``, ``onnx`` needs ``onnxruntime`` and
+    ``tf2onnx`` (all in the ``export`` extra). Each is checked by importing
+    it, so a broken install counts as missing.
+
+    Example:
+
+    >>> unavailable_formats(("keras", "tf_saved_model"))
+    {}
+
+    Args:
+        formats: Any of `FORMATS`.
+
+    Returns:
+        A dict from each unavailable format to the names of the packages
+        that could not be imported, in the order of ``formats``; empty when
+        everything can run.
+    """
+    missing = {}
+    for fmt in formats:
+        packages = tuple(
+            package
+            for module, package in _RUNTIMES.get(fmt, ())
+            if not _importable(module)
+        )
+        if packages:
+            missing[fmt] = packages
+    return missing
+
+
 def _onnx_runner(model, path, arrays):
     try:
         import onnxruntime
+        import tf2onnx  # noqa: F401  (model.export(format="onnx") converts with it)
     except ImportError as e:
-        raise ImportError(f"Running ONNX models needs {_EXTRA}.") from e
+        raise ImportError(
+            "Exporting and running ONNX models needs onnxruntime and tf2onnx; "
+            f"could not import {e.name or e}. Install {_EXTRA}."
+        ) from e
     _register_tf2onnx_erfc()
     model.export(path, format="onnx", verbose=False)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -260,7 +320,8 @@ def export_all(
             several outputs, or LiteRT formats for a model that computes in
             float16/bfloat16 (mixed precision; rebuild it in float32 first).
         ImportError: If the runtime of a requested format is not installed
-            (``ai-edge-litert``, ``onnxruntime``/``tf2onnx``).
+            (``ai-edge-litert``, ``onnxruntime``/``tf2onnx``), before
+            anything is exported; `unavailable_formats` tells in advance.
 
     Reference:
         Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
@@ -281,6 +342,13 @@ def export_all(
         raise ValueError(
             "`export_all` compares a single output. "
             f"Received: a model with {len(model.outputs)} outputs"
+        )
+    missing = unavailable_formats(formats)
+    if missing:
+        needs = "; ".join(f"{f} needs {', '.join(p)}" for f, p in missing.items())
+        raise ImportError(
+            f"Runtime not installed: {needs}. Install {_EXTRA}, or leave "
+            f"these formats out. Received: formats={formats}"
         )
     arrays = _as_list(inputs)
     reference = np.asarray(
