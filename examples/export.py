@@ -5,7 +5,8 @@
 Trains a small vision transformer with `MultiMaxAttention` in every block and
 a `SegLU` head on scikit-learn's handwritten digits (bundled, offline) for a
 few epochs, or loads a ``.keras`` file given with ``--model``. Then
-`keras_multimax.export.export_all` writes
+`keras_multimax.export.export_all` writes (by default every format whose
+runtime is installed; one line names those skipped and the package they need)
 
 - ``model.keras`` (reload: ``import keras_multimax; keras.saving.load_model``),
 - ``saved_model/`` (``model.export``: TensorFlow Serving, reloads without
@@ -14,12 +15,19 @@ few epochs, or loads a ``.keras`` file given with ``--model``. Then
   only, float32 and int8 weights),
 - ``model.onnx`` (tf2onnx, run with onnxruntime),
 
-runs each in its own runtime on one test batch and prints a table: format,
+runs each in its own runtime on one batch and prints a table: format,
 file size, largest absolute difference to the Keras logits, median latency
 per batch. The table also goes to ``<output-dir>/export_results.md``. Exits
 with an error if a float32 export differs from Keras by more than 1e-4
 (logits; kernels sum in different orders) or the int8 one by more than 0.25
 (0.07 measured).
+
+The batch is ``--batch-size`` digits test images, or, for a ``--model`` that
+does not take 8x8x1 images, random inputs shaped like ``model.inputs``: each
+``None`` dimension becomes the batch size (first) or 8 (others); float inputs
+are standard normal, integer inputs random token ids in 1..9 (valid for any
+vocabulary of at least 10 tokens, and never 0, the usual padding id), boolean
+inputs (masks) True with probability 0.8.
 
 About a minute on 2 CPU cores; ``--smoke`` runs a seconds-long version.
 """
@@ -35,6 +43,7 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 from keras_multimax import data  # noqa: E402
 from keras_multimax import export  # noqa: E402
@@ -46,6 +55,9 @@ warnings.filterwarnings("ignore", category=FutureWarning, message=".*np.object.*
 
 FLOAT_ATOL = 1e-4
 QUANTIZED_ATOL = 0.25
+DIGITS_SHAPE = (8, 8, 1)
+PARITY_LENGTH = 8  # every None dimension but the batch
+PARITY_IDS = (1, 9)  # integer inputs: token ids drawn from 1..9
 
 
 def parse_args(argv=None):
@@ -65,9 +77,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--formats",
         nargs="+",
-        default=list(export.FORMATS),
+        default=None,
         choices=export.FORMATS,
-        help="formats to export (default: all)",
+        help="formats to export (default: all whose runtime is installed)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -102,35 +114,106 @@ def train_model(task, args):
     return model
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    start = time.perf_counter()
-    keras.utils.set_random_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    task = data.image_classification(
+def choose_formats(requested):
+    """The formats to run: `requested` (all must run) or every runnable one.
+
+    Raises `SystemExit` naming the missing packages if a format asked for
+    with ``--formats`` cannot run; with the default, prints one line naming
+    the formats skipped.
+    """
+    missing = export.unavailable_formats(requested or export.FORMATS)
+    needs = "; ".join(f"{f} needs {', '.join(p)}" for f, p in missing.items())
+    install = "the export extra: pip install 'keras-multimax[export]'"
+    if requested:
+        if missing:
+            raise SystemExit(
+                f"error: --formats {' '.join(missing)}: runtime not installed "
+                f"({needs}). Install them with {install}."
+            )
+        return list(requested)
+    if missing:
+        print(
+            f"Skipping {', '.join(missing)}: runtime not installed ({needs}); install {install}"
+        )
+    return [f for f in export.FORMATS if f not in missing]
+
+
+def _digits_task(args):
+    return data.image_classification(
         "digits",
         batch_size=args.batch_size,
         max_train_examples=256 if args.smoke else None,
         seed=args.seed,
     )
+
+
+def parity_inputs(model, batch_size, seed, task=None):
+    """One batch for `model`: digits test images if it takes them, else random.
+
+    Args:
+        model: The model to export.
+        batch_size: Batch of the random inputs (and of the digits `task`).
+        seed: Seed of the random inputs.
+        task: The digits task if already loaded (loaded on demand).
+
+    Returns:
+        ``(arrays, description)``: a list in the order of ``model.inputs``
+        and what it is, for the printed summary.
+    """
+    specs = [
+        (tuple(t.shape), keras.backend.standardize_dtype(t.dtype)) for t in model.inputs
+    ]
+    if len(specs) == 1 and specs[0][0][1:] == DIGITS_SHAPE and "float" in specs[0][1]:
+        task = task or data.image_classification(
+            "digits", batch_size=batch_size, seed=seed
+        )
+        images = next(iter(task.test))[0].numpy()
+        return [images], f"{len(images)} {task.source} test images"
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for shape, dtype in specs:
+        dims = [
+            (batch_size if i == 0 else PARITY_LENGTH) if d is None else d
+            for i, d in enumerate(shape)
+        ]
+        if dtype == "bool":
+            arrays.append(rng.random(dims) < 0.8)
+        elif "int" in dtype:
+            low, high = PARITY_IDS
+            arrays.append(rng.integers(low, high + 1, dims).astype(dtype))
+        else:
+            float_dtype = dtype if dtype in ("float16", "float64") else "float32"
+            arrays.append(rng.standard_normal(dims).astype(float_dtype))
+    shapes = ", ".join(f"{a.shape} {a.dtype}" for a in arrays)
+    return arrays, f"random inputs shaped like the model's, {shapes}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    keras.utils.set_random_seed(args.seed)
+    formats = choose_formats(args.formats)
+    os.makedirs(args.output_dir, exist_ok=True)
     if args.model:
         model = keras.saving.load_model(args.model)
         print(f"Loaded {args.model}")
+        task = None
     else:
+        task = _digits_task(args)
         model = train_model(task, args)
-    images = next(iter(task.test))[0].numpy()
+    inputs, description = parity_inputs(model, args.batch_size, args.seed, task)
 
     results = export.export_all(
         model,
         args.output_dir,
-        images,
-        formats=args.formats,
+        inputs,
+        formats=formats,
         repeats=3 if args.smoke else 50,
     )
     table = export.format_table(results)
     print(
-        f"\nExports of {model.name} in {args.output_dir}, compared with Keras on "
-        f"a batch of {len(images)} {task.source} test images (logits):\n"
+        f"\nExports of {model.name} in {args.output_dir}, compared with Keras "
+        f"(outputs) on a batch of {description}:\n"
     )
     print(table)
     with open(os.path.join(args.output_dir, "export_results.md"), "w") as f:
