@@ -11,23 +11,17 @@ their slopes ``t_b`` and ``t_d``.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
 from collections.abc import Sequence
 
 import tensorflow as tf
 
-try:  # Whether a gradient tape is recording (see "Export" below).
-    from tensorflow.python.eager.record import (
-        could_possibly_record as _tape_is_recording,
-    )
-except ImportError:  # pragma: no cover - private API moved: never fuse forwards
-
-    def _tape_is_recording() -> bool:
-        return False
-
-
 TensorLike = tf.types.experimental.TensorLike
 
-__all__ = ["multimax", "seglu"]
+__all__ = ["multimax", "plain_ops", "seglu"]
 
 # Inputs in these dtypes are computed in float32 and returned in their own
 # dtype: order-2 squares of |x| > 256 overflow float16.
@@ -176,12 +170,18 @@ def _prepare_mask(mask, x: tf.Tensor) -> tf.Tensor:
 # order 2, pairs of factors packed as complex numbers), scaled by the slopes
 # after it.
 #
-# Export: tf2onnx (and Grappler) do not inline functions marked for XLA, so
-# the forward runs as a kernel only while a gradient tape records (training
-# steps, eagerly or in a graph); inference, and so every exported graph, uses
-# the same formula as plain ops, and eager inference gives exactly what the
-# exported graph gives. The backward kernels only appear in gradient graphs
-# (a SavedModel keeps them as the custom gradient, which reloads).
+# Export: a graph that leaves TensorFlow must not contain the forward kernel.
+# tf2onnx (through Grappler) does not inline functions marked for XLA and
+# fails on them, and a SavedModel server without XLA's CPU JIT (TF Serving's
+# default) cannot run them. The forward is therefore built from the same
+# formula as plain ops while a graph is traced for export: inside `plain_ops()`
+# (which `keras_multimax.export` uses) and, detected from the Python call
+# stack at trace time, under Keras' `model.export`/`ExportArchive`,
+# `tf.saved_model.save`, tf2onnx and the LiteRT converter (see
+# `_EXPORTER_MODULES`). Everywhere else (eager calls, `model.predict`, training
+# steps, any `tf.function`) the forward is the kernel. The backward kernels only
+# appear in gradient graphs (a SavedModel keeps them as the custom gradient,
+# which reloads in TensorFlow).
 
 
 def _kernel(fn):
@@ -278,9 +278,63 @@ _forward_kernel = _kernel(_forward)
 _seglu_kernel = _kernel(_seglu_forward)
 
 
+# Modules whose functions trace graphs for export (matched as prefixes).
+_EXPORTER_MODULES = (
+    "keras.src.export",  # model.export (SavedModel, ONNX, LiteRT), ExportArchive
+    "tensorflow.python.saved_model",  # tf.saved_model.save
+    "tensorflow.lite",  # TFLiteConverter.from_keras_model / from_concrete_functions
+    "tf2onnx",  # tf2onnx.convert.from_keras / from_function
+)
+
+_plain_ops = threading.local()
+
+
+@contextlib.contextmanager
+def plain_ops() -> Iterator[None]:
+    """Traces `multimax` and `seglu` as plain TensorFlow ops inside this context.
+
+    By default the forward pass is one fused XLA kernel (a nested
+    ``tf.function(jit_compile=True)``), except in graphs traced by the
+    exporters keras_multimax knows about: Keras' ``model.export`` and
+    ``keras.export.ExportArchive``, ``tf.saved_model.save``, tf2onnx and the
+    LiteRT (TFLite) converter. Wrap any other path that hands a traced graph to
+    a converter or a runtime without XLA in this context, including a
+    ``tf.function`` traced before it is passed to one of those exporters:
+
+    >>> import tensorflow as tf
+    >>> @tf.function(input_signature=[tf.TensorSpec([None, 3])])
+    ... def probabilities(x):
+    ...     return multimax(x, [0.0, 0.0], [0.1, -0.1])
+    >>> with plain_ops():
+    ...     graph = probabilities.get_concrete_function().graph
+    >>> "PartitionedCall" in {op.type for op in graph.get_operations()}
+    False
+
+    Gradients still use their fused kernels (gradient graphs are only run by
+    TensorFlow). Values agree with the kernel to float rounding.
+    """
+    depth = getattr(_plain_ops, "depth", 0)
+    _plain_ops.depth = depth + 1
+    try:
+        yield
+    finally:
+        _plain_ops.depth = depth
+
+
+def _traced_for_export() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(_EXPORTER_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _use_forward_kernel() -> bool:
-    """The XLA forward kernel while a gradient tape records (see above)."""
-    return _tape_is_recording()
+    """Whether the forward is the XLA kernel (see "Export" above)."""
+    if getattr(_plain_ops, "depth", 0):
+        return False
+    return tf.executing_eagerly() or not _traced_for_export()
 
 
 @_kernel
@@ -514,6 +568,9 @@ def multimax(
     exactly SoftMax. The gradients for ``x``, ``ranges`` and ``ts`` are given in
     closed form by one `tf.custom_gradient`; the backward pass keeps only the
     input and the output.
+
+    The forward runs as one fused XLA kernel, except in graphs traced for
+    export, which hold the same formula as plain builtin ops (see `plain_ops`).
 
     Masked entries (``mask`` False, or <= 0.5 for numeric masks) are removed
     *after* the modulation: they get exactly zero probability and zero

@@ -8,6 +8,7 @@ sequence dimensions are dynamic.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import keras
 import numpy as np
 
 from keras_multimax import layers
+from keras_multimax import ops
 
 # name -> what the model exercises.
 MODELS = {
@@ -98,10 +100,21 @@ def fully_masked_inputs(batch: int = 2, length: int = 4) -> list[np.ndarray]:
     return [x, mask]
 
 
-def keras_outputs(model: keras.Model, inputs: list[np.ndarray]) -> np.ndarray:
-    return keras.ops.convert_to_numpy(
-        model(inputs if len(inputs) > 1 else inputs[0], training=False)
-    )
+def keras_outputs(
+    model: keras.Model, inputs: list[np.ndarray], plain: bool = True
+) -> np.ndarray:
+    """The model's outputs, by default from the plain-op forward of exports.
+
+    Exported graphs hold the plain-op forward (`ops.plain_ops`); the default
+    forward (the XLA kernel, ``plain=False``) agrees with it to float32
+    rounding, which exp() amplifies where the modulator reaches hundreds. That
+    agreement is tested in test_ops.py (every mode against float64 references).
+    """
+    context = ops.plain_ops() if plain else contextlib.nullcontext()
+    with context:
+        return keras.ops.convert_to_numpy(
+            model(inputs if len(inputs) > 1 else inputs[0], training=False)
+        )
 
 
 def run_fresh_python(code: str, cwd: str, timeout: float = 300) -> str:

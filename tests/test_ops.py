@@ -16,11 +16,21 @@ REFERENCE = json.loads(
 
 
 def _modes(fn):
-    """The same function eagerly and inside `tf.function`."""
-    return {"eager": fn, "tf_function": tf.function(fn)}
+    """The same function eagerly, inside `tf.function` and as plain ops.
+
+    The first two run the forward as the fused XLA kernel; "plain_ops" traces
+    the graph that exporters receive (`ops.plain_ops`).
+    """
+    traced = tf.function(fn)
+
+    def plain(*args):
+        with ops.plain_ops():
+            return tf.function(fn)(*args)
+
+    return {"eager": fn, "tf_function": traced, "plain_ops": plain}
 
 
-MODES = ["eager", "tf_function"]
+MODES = ["eager", "tf_function", "plain_ops"]
 
 
 def _values_and_gradients(x, ranges, ts, upstream, axis=-1, mask=None):

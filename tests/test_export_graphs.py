@@ -1,0 +1,177 @@
+"""Exported graphs hold the plain-op forward, never the fused XLA kernel.
+
+By default the forward of `ops.multimax`/`ops.seglu` is a nested
+``tf.function(jit_compile=True)``. tf2onnx cannot convert a call to such a
+function and a SavedModel server without XLA's CPU JIT cannot run it, so every
+export path must trace plain ops instead (`ops.plain_ops`, entered
+automatically under the exporters listed in `ops._EXPORTER_MODULES`). Each test
+walks the functions reachable from the exported forward graph and looks for
+the ``_XlaMustCompile`` mark; a positive control shows the walk finds the
+kernel in a graph traced the default way.
+"""
+
+import keras
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tensorflow as tf
+import tf2onnx
+from export_models import MODELS
+from export_models import build_model
+from export_models import keras_outputs
+from export_models import sample_inputs
+
+from keras_multimax import ops
+
+
+def _xla_marked(attrs) -> bool:
+    return "_XlaMustCompile" in attrs and attrs["_XlaMustCompile"].b
+
+
+def xla_kernels(graph_def) -> set:
+    """Names of XLA-marked functions called (transitively) from `graph_def`."""
+    library = {f.signature.name: f for f in graph_def.library.function}
+    found, seen = set(), set()
+
+    def visit(nodes):
+        for node in nodes:
+            for value in node.attr.values():
+                names = [value.func.name] if value.HasField("func") else []
+                names += [f.name for f in value.list.func]
+                for name in names:
+                    if name not in library or name in seen:
+                        continue
+                    seen.add(name)
+                    if _xla_marked(node.attr) or _xla_marked(library[name].attr):
+                        found.add(name)
+                    visit(library[name].node_def)
+
+    visit(graph_def.node)
+    return found
+
+
+def input_signature(model):
+    return [tf.TensorSpec(t.shape, t.dtype) for t in model.inputs]
+
+
+def call(model):
+    def fn(*inputs):
+        return model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+
+    return fn
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_default_graphs_use_the_kernel_and_plain_ops_does_not(name):
+    """Positive control: the walk finds the kernel where it is."""
+    model = build_model(name)
+    fn = tf.function(call(model), input_signature=input_signature(model))
+    assert xla_kernels(fn.get_concrete_function().graph.as_graph_def())
+    with ops.plain_ops():
+        plain = tf.function(call(model), input_signature=input_signature(model))
+        graph_def = plain.get_concrete_function().graph.as_graph_def()
+    assert not xla_kernels(graph_def)
+    # Nested and re-entered contexts restore the default on exit.
+    with ops.plain_ops(), ops.plain_ops():
+        pass
+    again = tf.function(call(model), input_signature=input_signature(model))
+    assert xla_kernels(again.get_concrete_function().graph.as_graph_def())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_keras_export_saved_model_is_plain(name, tmp_path):
+    model = build_model(name)
+    inputs = sample_inputs(name)
+    model.export(str(tmp_path / name), format="tf_saved_model", verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / name))
+    for function in loaded.serve.concrete_functions:
+        assert not xla_kernels(function.graph.as_graph_def())
+    assert not xla_kernels(loaded.signatures["serving_default"].graph.as_graph_def())
+    np.testing.assert_allclose(
+        loaded.serve(inputs if len(inputs) > 1 else inputs[0]).numpy(),
+        keras_outputs(model, inputs),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_tf_saved_model_save_traces_plain_ops(tmp_path):
+    model = build_model("attention")
+    module = tf.Module()
+    module.model = model
+    module.serve = tf.function(call(model), input_signature=input_signature(model))
+    tf.saved_model.save(module, str(tmp_path / "sm"))  # traced inside save
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    for function in loaded.serve.concrete_functions:
+        assert not xla_kernels(function.graph.as_graph_def())
+    signature = loaded.signatures["serving_default"]
+    assert not xla_kernels(signature.graph.as_graph_def())
+
+
+@pytest.mark.parametrize("name", ["multimax", "seglu"])
+def test_tf2onnx_from_keras_converts(name):
+    model = build_model(name)
+    inputs = sample_inputs(name)
+    proto, _ = tf2onnx.convert.from_keras(
+        model, input_signature=input_signature(model), opset=17
+    )
+    assert "PartitionedCall" not in {node.op_type for node in proto.graph.node}
+    session = ort.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    feeds = {i.name: a for i, a in zip(session.get_inputs(), inputs)}
+    np.testing.assert_allclose(
+        session.run(None, feeds)[0], keras_outputs(model, inputs), atol=1e-5
+    )
+
+
+def test_function_traced_before_export_needs_plain_ops():
+    """tf2onnx receives an already traced graph: only `plain_ops` helps.
+
+    The control shows that without it the traced kernel reaches tf2onnx as an
+    unsupported ``PartitionedCall``: this is why the context exists.
+    """
+    model = build_model("multimax")
+    inputs = sample_inputs("multimax")
+    signature = input_signature(model)
+
+    traced = tf.function(call(model), input_signature=signature)
+    traced.get_concrete_function()  # traced outside any exporter
+    proto, _ = tf2onnx.convert.from_function(traced, input_signature=signature)
+    assert "PartitionedCall" in {node.op_type for node in proto.graph.node}
+
+    with ops.plain_ops():
+        traced = tf.function(call(model), input_signature=signature)
+        traced.get_concrete_function()
+    proto, _ = tf2onnx.convert.from_function(traced, input_signature=signature)
+    session = ort.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    np.testing.assert_allclose(
+        session.run(None, {session.get_inputs()[0].name: inputs[0]})[0],
+        keras_outputs(model, inputs),
+        atol=1e-5,
+    )
+
+
+def test_litert_converter_from_keras_model_converts():
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = build_model("attention")
+    inputs = sample_inputs("attention")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    interpreter = Interpreter(model_content=converter.convert())
+    interpreter.resize_tensor_input(0, inputs[0].shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], inputs[0])
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(got, keras_outputs(model, inputs), atol=1e-5)
+
+
+def test_kernel_and_plain_ops_agree_on_a_model():
+    """The default forward and the exported one differ by float rounding only."""
+    model = build_model("attention")
+    inputs = sample_inputs("attention")
+    fused = keras.ops.convert_to_numpy(model(inputs[0], training=False))
+    np.testing.assert_allclose(fused, keras_outputs(model, inputs), atol=1e-5)
