@@ -5,8 +5,9 @@ configuration, once with SoftMax attention and head and once with MultiMax in
 every attention layer and the head (order 2, the paper's setting). Training
 steps (`train_on_batch`, default ``compile()``: AdamW, from-logits loss) are
 timed in interleaved rounds, in graph mode (Keras' default on CPU) and with
-``jit_compile=True``. Then both models are exported to LiteRT with builtin ops
-only and the latency of one image is timed in `ai_edge_litert`'s interpreter.
+``jit_compile=True``, then inference of one batch (`predict_on_batch`, graph
+mode). Then both models are exported to LiteRT with builtin ops only and the
+latency of one image is timed in `ai_edge_litert`'s interpreter.
 
 The default configuration is DeiT-small's attention geometry (196 tokens,
 6 heads of 64, MLP 4x) with 2 blocks and batch 8, to fit a 2-core machine.
@@ -68,6 +69,19 @@ def time_training(config: dict, jit_compile: bool, runs: int) -> dict:
     return _common.interleaved(steps, "softmax", runs=runs, warmup=3, min_seconds=0.0)
 
 
+def time_inference(config: dict, runs: int) -> dict:
+    """`predict_on_batch` (Keras' graph-mode inference on CPU) of one batch."""
+    images = np.random.default_rng(2).normal(
+        size=(config["batch_size"], *config["image_shape"])
+    )
+    images = images.astype("float32")
+    models = {kind: build(kind, config, jit_compile=False) for kind in KINDS}
+    calls = {
+        kind: (lambda m=m: m.predict_on_batch(images)) for kind, m in models.items()
+    }
+    return _common.interleaved(calls, "softmax", runs=runs, warmup=3, min_seconds=0.0)
+
+
 def litert_latency(config: dict, runs: int) -> dict:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -122,31 +136,31 @@ def main(argv=None) -> int:
     )
     print(f"# ViT {config}; median of {runs} interleaved rounds")
     rows, payload = [], {"environment": env, "config": config, "runs": runs}
-    for jit in jit_modes:
-        res = time_training(config, jit, runs)
-        payload[f"train_step_jit_{jit}"] = res
-        mode = "jit_compile=True" if jit else "graph (Keras' CPU default)"
+
+    def report(key: str, label: str, res: dict, digits: int) -> None:
+        payload[key] = res
+        ratio = f"{res['multimax']['ratio']:.3f}×"
+        if "litert" not in key:
+            ratio += f" (cpu {res['multimax']['cpu_ratio']:.3f}×)"
         rows.append(
             [
-                f"training step, {mode}",
-                f"{res['softmax']['wall_ms']:.0f} ms",
-                f"{res['multimax']['wall_ms']:.0f} ms",
-                f"{res['multimax']['ratio']:.3f}× (cpu {res['multimax']['cpu_ratio']:.3f}×)",
+                label,
+                f"{res['softmax']['wall_ms']:.{digits}f} ms",
+                f"{res['multimax']['wall_ms']:.{digits}f} ms",
+                ratio,
             ]
         )
         print(" | ".join(rows[-1]), flush=True)
+
+    for jit in jit_modes:
+        mode = "jit_compile=True" if jit else "graph (Keras' CPU default)"
+        res = time_training(config, jit, runs)
+        report(f"train_step_jit_{jit}", f"training step, {mode}", res, 0)
+    res = time_inference(config, runs=max(runs, 20))
+    report("inference_graph", "inference (`predict_on_batch`), graph", res, 1)
     if not args.no_litert:
         res = litert_latency(config, runs=max(runs, 20))
-        payload["litert_latency"] = res
-        rows.append(
-            [
-                "LiteRT inference, 1 image",
-                f"{res['softmax']['wall_ms']:.2f} ms",
-                f"{res['multimax']['wall_ms']:.2f} ms",
-                f"{res['multimax']['ratio']:.3f}×",
-            ]
-        )
-        print(" | ".join(rows[-1]), flush=True)
+        report("litert_latency", "LiteRT inference, 1 image", res, 2)
     print()
     print(_common.markdown_table(["", "SoftMax", "MultiMax", "ratio"], rows))
     graph = payload["train_step_jit_False"]["multimax"]["ratio"]

@@ -5,7 +5,10 @@ jit_compile=True)`) and for the forward pass alone and forward+backward
 (gradients of x, ranges and ts; of x only for SoftMax), five variants are
 timed in interleaved rounds: `tf.nn.softmax`, the plain formula through
 autodiff (`_common.plain_multimax`) and `keras_multimax.ops.multimax`, each at
-order 1 and 2. Ratios are to `tf.nn.softmax` of the same round.
+order 1 and 2. Ratios are to `tf.nn.softmax` of the same round. Forward passes
+also time `tf.nn.softmax(x + 1.0)` with the addition as a TensorFlow op and as
+an XLA kernel: the floors of a modulator that takes its own pass over the
+tensor before the SoftMax.
 
 Usage::
 
@@ -33,10 +36,11 @@ SHAPES = {
     "small": (256, 10),  # a 10-class output layer
 }
 MODES = ("eager", "graph", "xla")
-# "forward" is inference (no gradient tape: the exportable plain-op path of
-# ops.py); "forward (tape)" is the forward of a training step, recorded by a
-# tape without computing gradients.
-PASSES = ("forward", "forward (tape)", "forward+backward")
+# "forward" is inference (no gradient tape; the default fused forward);
+# "forward (plain ops)" is the forward that exported graphs hold (traced inside
+# `ops.plain_ops()`); "forward (tape)" is the forward of a training step,
+# recorded by a tape without computing gradients.
+PASSES = ("forward", "forward (plain ops)", "forward (tape)", "forward+backward")
 # Active modulator: thresholds at ±1 (order 1) and ±2 (order 2), slopes > 0.
 RANGES = np.array([-1.0, 1.0, -2.0, 2.0], "float32")
 TS = np.array([0.3, 0.4, 0.1, 0.2], "float32")
@@ -49,6 +53,9 @@ TARGETS = (
 )
 
 
+_add_one_kernel = tf.function(lambda x: x + 1.0, jit_compile=True, autograph=False)
+
+
 def _variant(kind: str, order: int | None, x, dy, pass_: str):
     ranges = tf.constant(RANGES[: 2 * (order or 1)])
     ts = tf.constant(TS[: 2 * (order or 1)])
@@ -56,12 +63,26 @@ def _variant(kind: str, order: int | None, x, dy, pass_: str):
     def forward(x, ranges, ts):
         if kind == "softmax":
             return tf.nn.softmax(x)
+        if kind == "softmax_pass":
+            # Floors of a modulator computed in its own pass: SoftMax after
+            # one elementwise op (a read and a write of the tensor), as a
+            # TensorFlow op and as an XLA kernel like the one of ops.py.
+            return tf.nn.softmax(x + 1.0)
+        if kind == "softmax_xla_pass":
+            return tf.nn.softmax(_add_one_kernel(x))
         if kind == "plain":
             return _common.plain_multimax(x, ranges, ts)
         return ops.multimax(x, ranges, ts)
 
     if pass_ == "forward":
         return lambda: forward(x, ranges, ts)
+    if pass_ == "forward (plain ops)":
+
+        def exported():
+            with ops.plain_ops():  # entered while tracing in graph/XLA modes
+                return forward(x, ranges, ts)
+
+        return exported
     if pass_ == "forward (tape)":
 
         def recorded():
@@ -86,6 +107,9 @@ def run_group(shape, mode: str, pass_: str, runs: int) -> dict:
     x = tf.constant(rng.normal(scale=2.0, size=shape).astype("float32"))
     dy = tf.constant(rng.normal(size=shape).astype("float32"))
     variants = {"softmax": _variant("softmax", None, x, dy, pass_)}
+    if pass_.startswith("forward ") or pass_ == "forward":
+        for kind in ("softmax_pass", "softmax_xla_pass"):
+            variants[kind] = _variant(kind, None, x, dy, pass_)
     for order in (1, 2):
         for kind in ("plain", "multimax"):
             fn = _variant(kind, order, x, dy, pass_)
@@ -124,6 +148,7 @@ def main(argv=None) -> int:
     print(f"# median of {runs} interleaved rounds; (×) = ratio to tf.nn.softmax")
     records = []
     header = ["shape", "mode", "pass", "tf.nn.softmax"]
+    header += ["softmax + 1 TF pass", "softmax + 1 XLA pass"]
     header += [f"{k} o{o}" for o in (1, 2) for k in ("plain autodiff", "MultiMax")]
     header += ["MultiMax/plain o2"]
     rows = []
@@ -133,6 +158,8 @@ def main(argv=None) -> int:
                 res = run_group(SHAPES[name], mode, pass_, runs)
                 row = [str(list(SHAPES[name])), mode, pass_]
                 row.append(f"{res['softmax']['wall_ms']:.2f} ms")
+                for kind in ("softmax_pass", "softmax_xla_pass"):
+                    row.append(_cell(res[kind]) if kind in res else "")
                 for order in (1, 2):
                     row.append(_cell(res[f"plain_o{order}"]))
                     row.append(_cell(res[f"multimax_o{order}"]))
@@ -168,6 +195,20 @@ def main(argv=None) -> int:
                 f"(cpu {r['cpu_ratio']:.2f}×; target <= {limit}×): "
                 f"{'met' if met else 'NOT met'}"
             )
+            if pass_ == "forward":
+                floors = {
+                    rec["variant"]: rec["ratio"]
+                    for rec in records
+                    if rec["shape"] == SHAPES["attention"]
+                    and rec["mode"] == mode
+                    and rec["pass"] == pass_
+                    and rec["variant"] in ("softmax_pass", "softmax_xla_pass")
+                }
+                line += (
+                    "; softmax after one elementwise pass: "
+                    f"{floors['softmax_pass']:.2f}× (TF op), "
+                    f"{floors['softmax_xla_pass']:.2f}× (XLA kernel)"
+                )
             if pass_ == "forward+backward":
                 faster = r["ratio_to_plain"] < 1
                 line += (
