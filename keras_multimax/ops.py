@@ -19,6 +19,16 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+try:  # Whether a gradient tape is recording (see "Export" below).
+    from tensorflow.python.eager.record import (
+        could_possibly_record as _tape_is_recording,
+    )
+except ImportError:  # pragma: no cover - private API moved: fuse graphs only
+
+    def _tape_is_recording() -> bool:
+        return False
+
+
 TensorLike = tf.types.experimental.TensorLike
 
 __all__ = ["multimax", "plain_ops", "seglu"]
@@ -178,10 +188,13 @@ def _prepare_mask(mask, x: tf.Tensor) -> tf.Tensor:
 # (which `keras_multimax.export` uses) and, detected from the Python call
 # stack at trace time, under Keras' `model.export`/`ExportArchive`,
 # `tf.saved_model.save`, tf2onnx and the LiteRT converter (see
-# `_EXPORTER_MODULES`). Everywhere else (eager calls, `model.predict`, training
-# steps, any `tf.function`) the forward is the kernel. The backward kernels only
-# appear in gradient graphs (a SavedModel keeps them as the custom gradient,
-# which reloads in TensorFlow).
+# `_EXPORTER_MODULES`). A graph traced before it reaches an exporter keeps
+# what it was traced with. Every other graph (`model.predict`, training steps,
+# a user's `tf.function`) runs the forward kernel, and so do eager training
+# steps. Eager inference uses plain ops: an XLA kernel is compiled for every
+# new input shape, which one-off eager calls (e.g. growing sequence lengths)
+# would pay each time. The backward kernels only appear in gradient graphs (a
+# SavedModel keeps them as the custom gradient, which reloads in TensorFlow).
 
 
 def _kernel(fn):
@@ -286,20 +299,25 @@ _EXPORTER_MODULES = (
     "tf2onnx",  # tf2onnx.convert.from_keras / from_function
 )
 
-_plain_ops = threading.local()
+# Process-wide, not per thread: tf.distribute traces replicas in threads.
+_plain_ops_lock = threading.Lock()
+_plain_ops_depth = 0
 
 
 @contextlib.contextmanager
 def plain_ops() -> Iterator[None]:
     """Traces `multimax` and `seglu` as plain TensorFlow ops inside this context.
 
-    By default the forward pass is one fused XLA kernel (a nested
+    In graphs, the forward pass is by default one fused XLA kernel (a nested
     ``tf.function(jit_compile=True)``), except in graphs traced by the
     exporters keras_multimax knows about: Keras' ``model.export`` and
     ``keras.export.ExportArchive``, ``tf.saved_model.save``, tf2onnx and the
-    LiteRT (TFLite) converter. Wrap any other path that hands a traced graph to
-    a converter or a runtime without XLA in this context, including a
-    ``tf.function`` traced before it is passed to one of those exporters:
+    LiteRT (TFLite) converter. A graph traced *before* it reaches an exporter
+    keeps the kernel, which tf2onnx cannot convert and TF Serving on CPU does
+    not run: trace such graphs inside this context, e.g. a
+    ``fn.get_concrete_function()`` passed as ``signatures=`` to
+    ``tf.saved_model.save``, a ``tf.function`` already called before
+    ``ExportArchive.add_endpoint`` or ``tf2onnx.convert.from_function``:
 
     >>> import tensorflow as tf
     >>> @tf.function(input_signature=[tf.TensorSpec([None, 3])])
@@ -310,21 +328,27 @@ def plain_ops() -> Iterator[None]:
     >>> "PartitionedCall" in {op.type for op in graph.get_operations()}
     False
 
-    Gradients still use their fused kernels (gradient graphs are only run by
+    Also useful for graphs whose input shapes change with almost every call:
+    XLA compiles the kernel once per shape. The context is process-wide (it
+    also covers the threads in which `tf.distribute` traces replicas).
+    Gradients keep their fused kernels (gradient graphs only run in
     TensorFlow). Values agree with the kernel to float rounding.
     """
-    depth = getattr(_plain_ops, "depth", 0)
-    _plain_ops.depth = depth + 1
+    global _plain_ops_depth
+    with _plain_ops_lock:
+        _plain_ops_depth += 1
     try:
         yield
     finally:
-        _plain_ops.depth = depth
+        with _plain_ops_lock:
+            _plain_ops_depth -= 1
 
 
 def _traced_for_export() -> bool:
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith(_EXPORTER_MODULES):
+        module = frame.f_globals.get("__name__", "")
+        if any(module == m or module.startswith(m + ".") for m in _EXPORTER_MODULES):
             return True
         frame = frame.f_back
     return False
@@ -332,9 +356,11 @@ def _traced_for_export() -> bool:
 
 def _use_forward_kernel() -> bool:
     """Whether the forward is the XLA kernel (see "Export" above)."""
-    if getattr(_plain_ops, "depth", 0):
+    if _plain_ops_depth:
         return False
-    return tf.executing_eagerly() or not _traced_for_export()
+    if tf.executing_eagerly():
+        return _tape_is_recording()
+    return not _traced_for_export()
 
 
 @_kernel

@@ -10,6 +10,10 @@ the ``_XlaMustCompile`` mark; a positive control shows the walk finds the
 kernel in a graph traced the default way.
 """
 
+import inspect
+import pathlib
+import textwrap
+
 import keras
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +23,7 @@ import tf2onnx
 from export_models import MODELS
 from export_models import build_model
 from export_models import keras_outputs
+from export_models import run_fresh_python
 from export_models import sample_inputs
 
 from keras_multimax import ops
@@ -175,3 +180,104 @@ def test_kernel_and_plain_ops_agree_on_a_model():
     inputs = sample_inputs("attention")
     fused = keras.ops.convert_to_numpy(model(inputs[0], training=False))
     np.testing.assert_allclose(fused, keras_outputs(model, inputs), atol=1e-5)
+
+
+def test_saved_model_signature_traced_beforehand_needs_plain_ops(tmp_path):
+    """A ConcreteFunction passed as ``signatures=`` was traced outside the save."""
+    model = build_model("multimax")
+    module = tf.Module()
+    module.model = model
+    serve = tf.function(call(model), input_signature=input_signature(model))
+
+    tf.saved_model.save(
+        module, str(tmp_path / "a"), signatures=serve.get_concrete_function()
+    )
+    signature = tf.saved_model.load(str(tmp_path / "a")).signatures["serving_default"]
+    assert xla_kernels(signature.graph.as_graph_def())  # the documented gap
+
+    with ops.plain_ops():
+        concrete = tf.function(
+            call(model), input_signature=input_signature(model)
+        ).get_concrete_function()
+    tf.saved_model.save(module, str(tmp_path / "b"), signatures=concrete)
+    signature = tf.saved_model.load(str(tmp_path / "b")).signatures["serving_default"]
+    assert not xla_kernels(signature.graph.as_graph_def())
+
+
+def test_exporter_modules_match_whole_names():
+    """A module named like an exporter (``tf2onnx_helpers``) keeps the kernel."""
+    code = textwrap.dedent(
+        """
+        def trace(fn, signature):
+            return tf.function(fn, input_signature=signature).get_concrete_function()
+        """
+    )
+    model = build_model("multimax")
+    graphs = {}
+    for name in ("tf2onnx_helpers", "tf2onnx.helpers"):
+        namespace = {"__name__": name, "tf": tf}
+        exec(code, namespace)  # frames of `trace` report `name` as their module
+        concrete = namespace["trace"](call(model), input_signature(model))
+        graphs[name] = xla_kernels(concrete.graph.as_graph_def())
+    assert graphs["tf2onnx_helpers"]
+    assert not graphs["tf2onnx.helpers"]
+
+
+def test_eager_inference_compiles_no_kernel_and_training_does():
+    """Eager inference would compile the kernel for every new shape: plain ops."""
+    kernel = ops._forward_kernel
+    ranges = tf.constant([-1.0, 1.0, -2.0, 2.0])
+    ts = tf.constant([0.3, 0.4, 0.1, 0.2])
+    before = kernel.experimental_get_tracing_count()
+    for length in (3, 4, 5):
+        ops.multimax(tf.ones([2, length]), ranges, ts)
+    assert kernel.experimental_get_tracing_count() == before
+    x = tf.ones([2, 6])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = ops.multimax(x, ranges, ts)
+    assert kernel.experimental_get_tracing_count() == before + 1
+    assert tape.gradient(y, x) is not None
+
+
+MIRRORED_CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+)
+from export_models import build_model
+from test_export_graphs import call, input_signature, xla_kernels
+from keras_multimax import ops
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = build_model("attention")
+
+
+def serve(x):
+    per_replica = strategy.run(call(model), args=(x,))
+    return strategy.gather(per_replica, axis=0)
+
+
+def kernels():
+    fn = tf.function(serve, input_signature=input_signature(model))
+    return xla_kernels(fn.get_concrete_function().graph.as_graph_def())
+
+
+default = kernels()
+with ops.plain_ops():
+    plain = kernels()
+print(bool(default), bool(plain))
+"""
+
+
+@pytest.mark.slow
+def test_plain_ops_reaches_mirrored_replica_threads(tmp_path):
+    """`strategy.run` traces each replica in its own thread."""
+    tests = str(pathlib.Path(inspect.getfile(xla_kernels)).parent)
+    out = run_fresh_python(MIRRORED_CHILD.format(tests=tests), cwd=str(tmp_path))
+    assert out.split() == ["True", "False"], out
