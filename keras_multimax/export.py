@@ -168,7 +168,8 @@ def _litert_runner(model, path, arrays, quantize=False):
 def _register_tf2onnx_erfc() -> None:
     """Teaches tf2onnx TensorFlow's ``Erfc`` as ``1 - Erf`` (if it lacks it).
 
-    Keras' exact GELU (``activation="gelu"``, used by the model builders) is
+    Keras' exact GELU (``activation="gelu"``; the model builders use an
+    erf-based GELU instead, `keras_multimax.models._blocks.exact_gelu`) is
     ``0.5 * x * erfc(-x / sqrt(2))`` in TensorFlow; tf2onnx 1.17 has no
     converter for ``Erfc`` and writes a graph onnxruntime rejects ("No Op
     registered for Erfc"). ONNX has ``Erf`` (opset 9+).

@@ -342,3 +342,40 @@ def test_inputs_longer_than_the_maximum_length_raise_a_clear_value_error():
     # Also inside predict's traced function (static batch shape).
     with pytest.raises(ValueError, match=r"'source_position_embedding'.* 7,.*=6"):
         translator.predict((ids(7), ids(4)), verbose=0)
+
+
+def test_mlp_gelu_equals_keras_gelu_and_avoids_erfc():
+    """The builders' GELU is Keras' exact GELU, without the `Erfc` op.
+
+    tf2onnx cannot convert `Erfc`, which Keras' GELU uses: with it, a direct
+    `model.export(format="onnx")` of any builder failed.
+    """
+    from keras_multimax.models._blocks import exact_gelu
+
+    x = np.linspace(-10.0, 10.0, 2001, dtype="float32")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(exact_gelu(x)),
+        keras.ops.convert_to_numpy(keras.activations.gelu(x, approximate=False)),
+        atol=1e-6,
+    )
+    for model, inputs in ((vit(), IMAGES), (lm(), TOKENS)):
+        spec = tf.TensorSpec([None, *inputs.shape[1:]], inputs.dtype)
+        fn = tf.function(lambda x, m=model: m(x, training=False))
+        graph = fn.get_concrete_function(spec).graph
+        op_types = {op.type for op in graph.get_operations()}
+        for f in graph.as_graph_def().library.function:
+            op_types |= {node.op for node in f.node_def}
+        assert "Erf" in op_types and "Erfc" not in op_types, model.name
+
+
+@pytest.mark.slow
+def test_vit_exports_to_onnx_directly(tmp_path):
+    import onnxruntime as ort
+
+    model = vit()
+    want = keras.ops.convert_to_numpy(model(IMAGES, training=False))
+    path = str(tmp_path / "vit.onnx")
+    model.export(path, format="onnx", verbose=False)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: IMAGES})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
