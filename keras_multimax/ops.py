@@ -291,7 +291,7 @@ _forward_kernel = _kernel(_forward)
 _seglu_kernel = _kernel(_seglu_forward)
 
 
-# Modules whose functions trace graphs for export (matched as prefixes).
+# Modules (and their submodules) whose functions trace graphs for export.
 _EXPORTER_MODULES = (
     "keras.src.export",  # model.export (SavedModel, ONNX, LiteRT), ExportArchive
     "tensorflow.python.saved_model",  # tf.saved_model.save
@@ -595,8 +595,9 @@ def multimax(
     closed form by one `tf.custom_gradient`; the backward pass keeps only the
     input and the output.
 
-    The forward runs as one fused XLA kernel, except in graphs traced for
-    export, which hold the same formula as plain builtin ops (see `plain_ops`).
+    In graphs and eager training steps the forward runs as one fused XLA
+    kernel; graphs traced for export and eager inference calls use the same
+    formula as plain builtin ops (see `plain_ops`).
 
     Masked entries (``mask`` False, or <= 0.5 for numeric masks) are removed
     *after* the modulation: they get exactly zero probability and zero
