@@ -47,8 +47,59 @@ def expand_mask(mask, scores_rank: int, num_attention_axes: int):
     return mask
 
 
+class AttentionModulator(ModulatorParameters):
+    """Mixin for the attention layers: the modulator and the MultiMax weights.
+
+    Shared by `MultiMaxAttention` and `MultiMaxGroupQueryAttention`: the
+    subclass calls `_init_attention_modulator(...)` after the parent's
+    ``__init__``, `_build_attention_modulator(num_heads)` in `build`, and
+    `_attention_weights` from its ``_masked_softmax``; `get_config` adds
+    ``per_head`` and the modulator's configuration.
+    """
+
+    def _init_attention_modulator(self, per_head, order, *modulator_args):
+        # The parent may read a global "flash attention enabled" flag; these
+        # layers never call a fused kernel.
+        self._flash_attention = False
+        self.per_head = validate_per_head(per_head)
+        self._init_modulator(order, *modulator_args)
+
+    def _build_attention_modulator(self, num_heads: int):
+        self._build_modulator((num_heads,) if self.per_head else ())
+
+    def _attention_weights(
+        self, scores, attention_mask, num_heads: int, num_attention_axes: int
+    ):
+        """MultiMax over the key axes, masking after the modulation.
+
+        ``scores`` are ``(<batch dims>, heads, <query axes>, <key axes>)``
+        with ``num_attention_axes`` query and key axes.
+        """
+        ranges, ts = self.ranges, self.ts
+        if self.per_head:
+            shape = (num_heads,) + (1,) * (2 * num_attention_axes) + (2 * self.order,)
+            ranges, ts = keras.ops.reshape(ranges, shape), keras.ops.reshape(ts, shape)
+        mask = expand_mask(attention_mask, len(scores.shape), num_attention_axes)
+        axes = tuple(range(-num_attention_axes, 0))
+        return ops.multimax(scores, ranges, ts, axis=axes, mask=mask)
+
+    def _with_causal_mask(self, query, value, attention_mask):
+        """`attention_mask` (if any) and the parent's causal mask, combined."""
+        causal_mask = self._compute_causal_mask(query, value)
+        if attention_mask is None:
+            return causal_mask
+        return keras.ops.logical_and(
+            keras.ops.cast(attention_mask, "bool"), causal_mask
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"per_head": self.per_head, **self._modulator_config()})
+        return config
+
+
 @keras.saving.register_keras_serializable(package="keras_multimax")
-class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
+class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
     r"""Multi-head attention whose attention weights are MultiMax, not SoftMax.
 
     A drop-in `keras.layers.MultiHeadAttention`: same arguments, same weights
@@ -209,11 +260,8 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
             seed=seed,
             **kwargs,
         )
-        # The parent may read a global "flash attention enabled" flag; this
-        # layer never calls a fused kernel.
-        self._flash_attention = False
-        self.per_head = validate_per_head(per_head)
-        self._init_modulator(
+        self._init_attention_modulator(
+            per_head,
             order,
             ranges_initializer,
             ts_initializer,
@@ -225,28 +273,16 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
 
     def build(self, query_shape, value_shape, key_shape=None):
         super().build(query_shape, value_shape, key_shape)
-        self._build_modulator((self._num_heads,) if self.per_head else ())
-
-    def _modulator_parameters(self):
-        """`ranges`, `ts` shaped to broadcast against the attention scores."""
-        if not self.per_head:
-            return self.ranges, self.ts
-        # Scores are (<batch dims>, heads, <query axes>, <key axes>).
-        shape = (
-            (self._num_heads,)
-            + (1,) * (2 * len(self._attention_axes))
-            + (2 * self.order,)
-        )
-        return keras.ops.reshape(self.ranges, shape), keras.ops.reshape(self.ts, shape)
+        self._build_attention_modulator(self._num_heads)
 
     def _masked_softmax(self, attention_scores, attention_mask=None):
         """MultiMax over the attention axes, masking after the modulation."""
-        mask = expand_mask(
-            attention_mask, len(attention_scores.shape), len(self._attention_axes)
+        return self._attention_weights(
+            attention_scores,
+            attention_mask,
+            self._num_heads,
+            len(self._attention_axes),
         )
-        axes = tuple(range(-len(self._attention_axes), 0))
-        ranges, ts = self._modulator_parameters()
-        return ops.multimax(attention_scores, ranges, ts, axis=axes, mask=mask)
 
     def _compute_attention(
         self,
@@ -260,14 +296,7 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
     ):
         """Scaled dot-product attention normalised by MultiMax, on every path."""
         if use_causal_mask:
-            causal_mask = self._compute_causal_mask(query, value)
-            attention_mask = (
-                causal_mask
-                if attention_mask is None
-                else keras.ops.logical_and(
-                    keras.ops.cast(attention_mask, "bool"), causal_mask
-                )
-            )
+            attention_mask = self._with_causal_mask(query, value, attention_mask)
         query = keras.ops.multiply(
             query, keras.ops.cast(self._inverse_sqrt_key_dim, query.dtype)
         )
@@ -312,8 +341,3 @@ class MultiMaxAttention(ModulatorParameters, keras.layers.MultiHeadAttention):
             + tuple(key.shape[a] for a in axes)
         )
         return output_spec, keras.KerasTensor(shape, dtype=self.compute_dtype)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"per_head": self.per_head, **self._modulator_config()})
-        return config

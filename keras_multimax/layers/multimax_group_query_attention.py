@@ -6,20 +6,15 @@ from typing import Any
 
 import keras
 
-from keras_multimax import ops
 from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
-from keras_multimax.layers._modulator import ModulatorParameters
-from keras_multimax.layers.multimax_attention import expand_mask
+from keras_multimax.layers.multimax_attention import AttentionModulator
 from keras_multimax.layers.multimax_attention import reject_flash_attention
-from keras_multimax.layers.multimax_attention import validate_per_head
 
 __all__ = ["MultiMaxGroupQueryAttention"]
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
-class MultiMaxGroupQueryAttention(
-    ModulatorParameters, keras.layers.GroupQueryAttention
-):
+class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAttention):
     r"""Grouped-query attention whose attention weights are MultiMax, not SoftMax.
 
     A drop-in `keras.layers.GroupQueryAttention` (Ainslie et al., 2023): same
@@ -181,11 +176,8 @@ class MultiMaxGroupQueryAttention(
             seed=seed,
             **kwargs,
         )
-        # The parent may read a global "flash attention enabled" flag; this
-        # layer never calls a fused kernel.
-        self._flash_attention = False
-        self.per_head = validate_per_head(per_head)
-        self._init_modulator(
+        self._init_attention_modulator(
+            per_head,
             order,
             ranges_initializer,
             ts_initializer,
@@ -197,20 +189,11 @@ class MultiMaxGroupQueryAttention(
 
     def build(self, query_shape, value_shape, key_shape=None):
         super().build(query_shape, value_shape, key_shape)
-        self._build_modulator((self.num_query_heads,) if self.per_head else ())
-
-    def _modulator_parameters(self):
-        """`ranges`, `ts` shaped to broadcast against (B, heads, T, S) scores."""
-        if not self.per_head:
-            return self.ranges, self.ts
-        shape = (self.num_query_heads, 1, 1, 2 * self.order)
-        return keras.ops.reshape(self.ranges, shape), keras.ops.reshape(self.ts, shape)
+        self._build_attention_modulator(self.num_query_heads)
 
     def _masked_softmax(self, scores, attention_mask=None):
-        """MultiMax over the keys, masking after the modulation."""
-        mask = expand_mask(attention_mask, len(scores.shape), 1)
-        ranges, ts = self._modulator_parameters()
-        return ops.multimax(scores, ranges, ts, axis=-1, mask=mask)
+        """MultiMax over the keys of (B, heads, T, S) scores."""
+        return self._attention_weights(scores, attention_mask, self.num_query_heads, 1)
 
     def _compute_attention(
         self,
@@ -223,14 +206,7 @@ class MultiMaxGroupQueryAttention(
     ):
         """Scaled dot-product attention normalised by MultiMax, on every path."""
         if use_causal_mask:
-            causal_mask = self._compute_causal_mask(query, value)
-            attention_mask = (
-                causal_mask
-                if attention_mask is None
-                else keras.ops.logical_and(
-                    keras.ops.cast(attention_mask, "bool"), causal_mask
-                )
-            )
+            attention_mask = self._with_causal_mask(query, value, attention_mask)
         query = keras.ops.multiply(
             query, keras.ops.cast(self._inverse_sqrt_head_dim, query.dtype)
         )
@@ -242,8 +218,3 @@ class MultiMaxGroupQueryAttention(
             dropped = scores
         output = keras.ops.einsum(self._combine_equation, dropped, value)
         return output, scores
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"per_head": self.per_head, **self._modulator_config()})
-        return config
