@@ -168,6 +168,16 @@ def _batch(arrays, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def _task_data(train, test, batch_size: int, seed: int, source: str, info) -> TaskData:
+    """Batches the train (shuffled) and test arrays into a `TaskData`."""
+    return TaskData(
+        train=_batch(train, batch_size, shuffle=True, seed=seed),
+        test=_batch(test, batch_size, shuffle=False, seed=seed),
+        source=source,
+        info=info,
+    )
+
+
 def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -279,12 +289,7 @@ def image_classification(
         "num_train": len(train[1]),
         "num_test": len(test[1]),
     }
-    return TaskData(
-        train=_batch(train, batch_size, shuffle=True, seed=seed),
-        test=_batch(test, batch_size, shuffle=False, seed=seed),
-        source=source,
-        info=info,
-    )
+    return _task_data(train, test, batch_size, seed, source, info)
 
 
 # ---------------------------------------------------------------------------
@@ -390,12 +395,7 @@ def char_language_model(
         "num_train": len(train[0]),
         "num_test": len(test[0]),
     }
-    return TaskData(
-        train=_batch(train, batch_size, shuffle=True, seed=seed),
-        test=_batch(test, batch_size, shuffle=False, seed=seed),
-        source=source,
-        info=info,
-    )
+    return _task_data(train, test, batch_size, seed, source, info)
 
 
 # ---------------------------------------------------------------------------
@@ -659,9 +659,4 @@ def translation(
         "num_train": len(train[1]),
         "num_test": len(test[1]),
     }
-    return TaskData(
-        train=_batch(train, batch_size, shuffle=True, seed=seed),
-        test=_batch(test, batch_size, shuffle=False, seed=seed),
-        source=source,
-        info=info,
-    )
+    return _task_data(train, test, batch_size, seed, source, info)
