@@ -17,7 +17,10 @@ import threading
 from collections.abc import Iterator
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
+
+from keras_multimax import _formula
 
 try:  # Whether a gradient tape is recording (see "Export" below).
     from tensorflow.python.eager.record import (
@@ -44,6 +47,10 @@ _UPCAST_DTYPES = (tf.float16, tf.bfloat16)
 
 
 def _float_tensor(x, name: str) -> tf.Tensor:
+    if x is None:
+        raise TypeError(
+            f"`{name}` must be a floating-point tensor, not None. Received: {name}=None"
+        )
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
         raise TypeError(
@@ -121,10 +128,11 @@ def _normalize_axis(axis, rank: int | None) -> tuple[int, ...]:
     if not axes:
         raise ValueError(f"`axis` must name at least one axis. Received: axis={axis}")
     for a in axes:
-        if isinstance(a, bool) or not isinstance(a, int):
+        if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)):
             raise TypeError(
                 f"`axis` must be an int or a tuple of ints. Received: axis={axis!r}"
             )
+    axes = tuple(int(a) for a in axes)
     if rank is None:
         return axes
     out = []
@@ -149,19 +157,40 @@ def _prepare_mask(mask, x: tf.Tensor) -> tf.Tensor:
                 f"Received: mask.dtype={mask.dtype.name}"
             )
         mask = tf.greater(mask, tf.cast(0.5, mask.dtype))
-    if mask.shape.rank is not None and x.shape.rank is not None:
-        if mask.shape.rank > x.shape.rank:
+    if mask.shape.rank is None:
+        raise ValueError(
+            "`mask` must have a known rank (it broadcasts against `x` from the "
+            f"right). Received: mask.shape={mask.shape}, x.shape={x.shape}"
+        )
+    if mask.shape.rank > x.shape.rank:
+        raise ValueError(
+            "`mask` must be broadcastable to `x` and must not have more "
+            f"dimensions. Received: x.shape={x.shape}, mask.shape={mask.shape}"
+        )
+    message = (
+        "`mask` must be broadcastable to `x`: each mask dimension must be 1 or "
+        "match the corresponding dimension of `x`."
+    )
+    unknown = False
+    for m_dim, x_dim in zip(mask.shape[::-1], x.shape[::-1]):
+        if m_dim is not None and x_dim is not None and m_dim not in (1, x_dim):
             raise ValueError(
-                "`mask` must be broadcastable to `x` and must not have more "
-                f"dimensions. Received: x.shape={x.shape}, mask.shape={mask.shape}"
+                f"{message} Received: x.shape={x.shape}, mask.shape={mask.shape}"
             )
-        for m_dim, x_dim in zip(mask.shape[::-1], x.shape[::-1]):
-            if m_dim is not None and x_dim is not None and m_dim not in (1, x_dim):
-                raise ValueError(
-                    "`mask` must be broadcastable to `x`: each mask dimension "
-                    "must be 1 or match the corresponding dimension of `x`. "
-                    f"Received: x.shape={x.shape}, mask.shape={mask.shape}"
-                )
+        unknown |= m_dim is None or (x_dim is None and m_dim != 1)
+    if unknown:
+        # Shapes only known when the graph runs: check them then, since a
+        # mask larger than `x` on some axis would silently grow the output.
+        rank = mask.shape.rank
+        m_shape = tf.shape(mask)
+        x_shape = tf.shape(x)[x.shape.rank - rank :]
+        fits = tf.reduce_all(tf.equal(m_shape, 1) | tf.equal(m_shape, x_shape))
+        check = tf.debugging.Assert(
+            fits,
+            [message, "Received: x.shape=", tf.shape(x), "mask.shape=", m_shape],
+        )
+        with tf.control_dependencies([check]):
+            mask = tf.identity(mask)
     return mask
 
 
@@ -203,83 +232,48 @@ def _kernel(fn):
 
 def _split_parameters(p: tf.Tensor, dtype: tf.DType) -> list[tf.Tensor]:
     """Splits a (..., 2K) parameter into 2K tensors that broadcast against x."""
-    p = tf.cast(p, dtype)
-    return [p[..., i] for i in range(p.shape[-1])]
-
-
-def _modulate(x: tf.Tensor, r: list[tf.Tensor], t: list[tf.Tensor]) -> tf.Tensor:
-    """σ(x) = x + Σ_k t[2k]·relu(r[2k] − x)^(k+1) + t[2k+1]·relu(x − r[2k+1])^(k+1)."""
-    out = x
-    for k in range(len(t) // 2):
-        lower = tf.nn.relu(r[2 * k] - x)
-        upper = tf.nn.relu(x - r[2 * k + 1])
-        lower_k1, upper_k1 = lower, upper
-        for _ in range(k):
-            lower_k1 = lower_k1 * lower
-            upper_k1 = upper_k1 * upper
-        out = out + t[2 * k] * lower_k1 + t[2 * k + 1] * upper_k1
-    return out
-
-
-def _partials(x, r, t):
-    """Returns ∂σ/∂x and the factors of ∂σ/∂ranges and ∂σ/∂ts.
-
-    With ``lo = relu(b − x)`` and ``hi = relu(x − d)`` at order ``k+1``:
-    ``∂σ/∂b = (k+1)·t_b·lo^k``, ``∂σ/∂d = −(k+1)·t_d·hi^k`` (``lo^0``/``hi^0``
-    being the step function, as relu' in autodiff), ``∂σ/∂t_b = lo^(k+1)``,
-    ``∂σ/∂t_d = hi^(k+1)`` and ``∂σ/∂x = 1 − Σ_i ∂σ/∂ranges[i]``. The factors
-    returned for ``ranges`` leave out ``±(k+1)·t`` (see `_range_scale`): it is
-    constant over every summed entry, so it is applied after the reduction.
-    """
-    d_x = tf.ones_like(x)
-    ranges_factors, ts_factors = [], []
-    for k in range(len(t) // 2):
-        lower = tf.nn.relu(r[2 * k] - x)
-        upper = tf.nn.relu(x - r[2 * k + 1])
-        if k == 0:
-            lower_k = tf.cast(lower > 0, x.dtype)
-            upper_k = tf.cast(upper > 0, x.dtype)
-        else:
-            lower_k, upper_k = lower, upper
-            for _ in range(k - 1):
-                lower_k = lower_k * lower
-                upper_k = upper_k * upper
-        d_x = d_x - (k + 1) * (t[2 * k] * lower_k - t[2 * k + 1] * upper_k)
-        ranges_factors += [lower_k, upper_k]
-        ts_factors += [lower_k * lower, upper_k * upper]
-    return d_x, ranges_factors, ts_factors
+    return _formula.split_parameters(tf.cast(p, dtype))
 
 
 def _range_scale(order: int, dtype: tf.DType) -> tf.Tensor:
-    """±(k+1) for ranges[2k] (+) and ranges[2k+1] (−)."""
-    return tf.constant(
-        [s * (k + 1) for k in range(order) for s in (1, -1)], dtype=dtype
-    )
+    return tf.constant(_formula.range_scale(order), dtype=dtype)
+
+
+def _keep(x: tf.Tensor, mask) -> tf.Tensor:
+    """The entries that take part in the normalisation: not masked, not −inf.
+
+    (NaN is kept, so that a NaN input shows in the output.)
+    """
+    keep = tf.not_equal(x, tf.cast(-np.inf, x.dtype))
+    return keep if mask is None else tf.logical_and(keep, mask)
 
 
 def _forward(x, ranges, ts, mask):
-    """σ(x), at most the largest float, with masked entries set to the lowest.
+    """σ(x) clipped to the finite floats, excluded entries set to the lowest.
 
-    Masked entries are filled after σ, so their values (padding, -inf, NaN)
-    never reach the output. Finite fills only: exporters that lower `where` to
-    mul/add (tf2onnx) turn 0·inf into NaN.
+    Excluded entries (masked, or −inf) are filled after σ, so their values
+    (padding, −inf, NaN) never reach the output. Finite fills only:
+    exporters that lower `where` to mul/add (tf2onnx) turn 0·inf into NaN.
     """
     compute = _compute_dtype(x.dtype)
-    z = _modulate(
-        tf.cast(x, compute),
-        _split_parameters(ranges, compute),
-        _split_parameters(ts, compute),
+    x = tf.cast(x, compute)
+    z = _formula.modulate(
+        x, _split_parameters(ranges, compute), _split_parameters(ts, compute)
     )
-    # An overflowing σ (+inf) would turn into inf − inf = NaN in the SoftMax.
-    z = tf.minimum(z, compute.max)
-    if mask is not None:
-        z = tf.where(mask, z, compute.min)
-    return z
+    # An overflowing σ (±inf) would turn into inf − inf = NaN in the SoftMax.
+    z = tf.clip_by_value(z, compute.min, compute.max)
+    return tf.where(_keep(x, mask), z, compute.min)
+
+
+def _zero_excluded(y, x, mask):
+    """Exact zeros at excluded entries: a fully excluded slice, filled with the
+    lowest float throughout, would otherwise come out of the SoftMax uniform."""
+    return tf.where(_keep(x, mask), y, tf.zeros_like(y))
 
 
 def _seglu_forward(x, ranges, ts):
     compute = _compute_dtype(x.dtype)
-    out = _modulate(
+    out = _formula.modulate(
         tf.cast(x, compute),
         _split_parameters(ranges, compute),
         _split_parameters(ts, compute),
@@ -289,6 +283,7 @@ def _seglu_forward(x, ranges, ts):
 
 _forward_kernel = _kernel(_forward)
 _seglu_kernel = _kernel(_seglu_forward)
+_zero_excluded_kernel = _kernel(_zero_excluded)
 
 
 # Modules (and their submodules) whose functions trace graphs for export.
@@ -375,7 +370,7 @@ def _grad_x_kernel(x, gs, ranges, ts):
     """∂L/∂x = gs·σ'(x), in the dtype of x."""
     compute = _compute_dtype(x.dtype)
     gs = tf.cast(gs, compute)
-    d_x, _, _ = _partials(
+    d_x, _, _ = _formula.partials(
         tf.cast(x, compute),
         _split_parameters(ranges, compute),
         _split_parameters(ts, compute),
@@ -442,7 +437,7 @@ def _grad_parameters_kernel(x, gs, ranges, ts, plan):
     """
     compute = _compute_dtype(x.dtype)
     gs = tf.cast(gs, compute)
-    _, ranges_factors, ts_factors = _partials(
+    _, ranges_factors, ts_factors = _formula.partials(
         tf.cast(x, compute),
         _split_parameters(ranges, compute),
         _split_parameters(ts, compute),
@@ -488,16 +483,33 @@ def _parameter_gradients(x, gs, ranges, ts):
         sums = tf.stack([tf.math.real(sums), tf.math.imag(sums)], axis=1)
     sums = tf.reshape(sums, [2 * n, *shape])
     sums = tf.transpose(sums, [*range(1, shape.rank + 1), 0])
-    d_ranges = sums[..., :n] * tf.cast(ts, compute) * _range_scale(n // 2, compute)
+    ts_c = tf.cast(ts, compute)
+    # ∂σ/∂b = (k+1)·t_b·lo^k is exactly 0 where t_b = 0, also if Σ lo^k overflowed.
+    d_ranges = tf.where(
+        tf.equal(ts_c, 0),
+        tf.zeros_like(ts_c),
+        sums[..., :n] * ts_c * _range_scale(n // 2, compute),
+    )
     return tf.cast(d_ranges, ranges.dtype), tf.cast(sums[..., n:], ts.dtype)
 
 
-def _sum_to_input_shape(grad: tf.Tensor, x_shape: tf.TensorShape, shape) -> tf.Tensor:
+def _sum_to_input_shape(grad: tf.Tensor, x: tf.Tensor, shape) -> tf.Tensor:
     """Sums the gradient of x over the axes where the parameters broadcast x up."""
-    offset = x_shape.rank - shape.rank
-    axes = [
-        offset + i for i, d in enumerate(shape) if d != 1 and x_shape[offset + i] == 1
-    ]
+    offset = x.shape.rank - shape.rank
+    axes, dynamic = [], False
+    for i, d in enumerate(shape):
+        if d != 1:
+            x_dim = x.shape[offset + i]
+            dynamic |= x_dim is None
+            if x_dim == 1:
+                axes.append(offset + i)
+    if dynamic:
+        # Whether x is 1 on such an axis is only known when the graph runs:
+        # reduce as TensorFlow's own broadcasting gradients do.
+        reduce, _ = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(x), s1=tf.shape(grad))
+        summed = tf.reshape(tf.reduce_sum(grad, reduce), tf.shape(x))
+        summed.set_shape(x.shape)
+        return summed
     return tf.reduce_sum(grad, axis=axes, keepdims=True) if axes else grad
 
 
@@ -568,7 +580,7 @@ def _seglu(x, ranges, ts):
         def grad(dy):
             gx = _grad_x_kernel(x_, dy, ranges_, ts_)
             gr, gt = _parameter_gradients(x_, dy, ranges_, ts_)
-            return _sum_to_input_shape(gx, x_.shape, shape), gr, gt
+            return _sum_to_input_shape(gx, x_, shape), gr, gt
 
         return forward(x_, ranges_, ts_), grad
 
@@ -643,26 +655,36 @@ def _multimax(x, ranges, ts, axes, mask):
     dtype = x.dtype
     compute = _compute_dtype(dtype)
     shape = ranges.shape[:-1]
-    forward = _forward_kernel if _use_forward_kernel() else _forward
+    fused = _use_forward_kernel()
+    forward = _forward_kernel if fused else _forward
 
     @tf.custom_gradient
     def fn(x_, ranges_, ts_):
         y = _softmax(forward(x_, ranges_, ts_, mask), axes)
-        if mask is not None:
-            # Exact zeros where masked; a fully masked slice (all filled with
-            # the lowest float, so uniform) gives zeros.
-            y = y * tf.cast(mask, compute)
+        if not fused:
+            y = _zero_excluded(y, x_, mask)
+        elif mask is not None:
+            y = _zero_excluded_kernel(y, x_, mask)
+        else:
+            # Without a mask only −inf entries are excluded, and only a slice
+            # with nothing but −inf needs the zeros: skip the extra pass over
+            # the output unless x holds a −inf.
+            y = tf.cond(
+                tf.equal(tf.reduce_min(x_), tf.cast(-np.inf, x_.dtype)),
+                lambda: _zero_excluded_kernel(y, x_, None),
+                lambda: y,
+            )
         # The backward keeps x_ and this output only (no float32 copy).
         y = tf.cast(y, dtype)
 
         def grad(dy):
             yc = tf.cast(y, compute)
             s = tf.reduce_sum(tf.cast(dy, compute) * yc, axis=axes, keepdims=True)
-            # gs = y·(dy − s) is 0 at masked entries, and so are their gradients.
+            # gs = y·(dy − s) is 0 at excluded entries, and so are their gradients.
             gs = _upstream_kernel(y, dy, s)
             gx = _grad_x_kernel(x_, gs, ranges_, ts_)
             gr, gt = _parameter_gradients(x_, gs, ranges_, ts_)
-            return _sum_to_input_shape(gx, x_.shape, shape), gr, gt
+            return _sum_to_input_shape(gx, x_, shape), gr, gt
 
         return y, grad
 
