@@ -46,12 +46,22 @@ _UPCAST_DTYPES = (tf.float16, tf.bfloat16)
 # ---------------------------------------------------------------------------
 
 
+def _to_tensor(value, name: str) -> tf.Tensor:
+    try:
+        return tf.convert_to_tensor(value)
+    except (TypeError, ValueError) as error:  # e.g. a None inside a list
+        raise TypeError(
+            f"`{name}` could not be converted to a tensor ({error}). "
+            f"Received: {name}={value!r}"
+        ) from None
+
+
 def _float_tensor(x, name: str) -> tf.Tensor:
     if x is None:
         raise TypeError(
             f"`{name}` must be a floating-point tensor, not None. Received: {name}=None"
         )
-    x = tf.convert_to_tensor(x)
+    x = _to_tensor(x, name)
     if not x.dtype.is_floating:
         raise TypeError(
             f"`{name}` must be a floating-point tensor "
@@ -149,7 +159,7 @@ def _normalize_axis(axis, rank: int | None) -> tuple[int, ...]:
 
 
 def _prepare_mask(mask, x: tf.Tensor) -> tf.Tensor:
-    mask = tf.convert_to_tensor(mask)
+    mask = _to_tensor(mask, "mask")
     if mask.dtype != tf.bool:
         if not (mask.dtype.is_floating or mask.dtype.is_integer):
             raise TypeError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 
 DEFAULT_INITIALIZER = {
     "class_name": "TruncatedNormal",
@@ -13,9 +14,13 @@ DEFAULT_INITIALIZER = {
 
 
 def validate_order(order: Any) -> int:
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+    if (
+        isinstance(order, (bool, np.bool_))
+        or not isinstance(order, (int, np.integer))
+        or order < 1
+    ):
         raise ValueError(f"`order` must be an integer >= 1. Received: order={order!r}")
-    return order
+    return int(order)
 
 
 class ModulatorParameters:

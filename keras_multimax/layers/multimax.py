@@ -82,10 +82,9 @@ class MultiMax(ModulatorParameters, keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(axis, list):
-            axis = tuple(axis)
-        ops._normalize_axis(axis, None)  # type check; range checked in build
-        self.axis = axis
+        # Type check (range checked in build); NumPy integers become ints.
+        axes = ops._normalize_axis(axis, None)
+        self.axis = axes if isinstance(axis, (tuple, list)) else axes[0]
         self._init_modulator(
             order,
             ranges_initializer,

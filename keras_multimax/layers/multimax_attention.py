@@ -67,6 +67,25 @@ class AttentionModulator(ModulatorParameters):
     def _build_attention_modulator(self, num_heads: int):
         self._build_modulator((num_heads,) if self.per_head else ())
 
+    def _check_input_ranks(self, exact: bool, **shapes):
+        """Rejects inputs without (batch, <attention axes>, features) dims.
+
+        The parent would fail later with an unrelated message (an empty
+        ``axis`` of the normalisation, or an index error).
+        """
+        layout = "exactly 3" if exact else "at least 3"
+        for name, shape in shapes.items():
+            if shape is None:
+                continue
+            rank = len(shape)
+            if rank < 3 or (exact and rank != 3):
+                raise ValueError(
+                    f"`{name}` of {type(self).__name__} {self.name!r} must have "
+                    f"{layout} dimensions (batch, <attention axes>, features). "
+                    f"Received: {name}.shape={tuple(shape)} (rank {rank}). "
+                    "Add a length-1 sequence axis, e.g. `x[:, None, :]`."
+                )
+
     def _attention_weights(
         self, scores, attention_mask, num_heads: int, num_attention_axes: int
     ):
@@ -91,6 +110,23 @@ class AttentionModulator(ModulatorParameters):
         return keras.ops.logical_and(
             keras.ops.cast(attention_mask, "bool"), causal_mask
         )
+
+    def load_own_variables(self, store):
+        if getattr(self, "ranges", None) is not None and not len(store.keys()):
+            # Keras keys a layer's weights in a file by its class name, so a
+            # file saved with the SoftMax parent has nothing under this
+            # layer's key; its projections would stay random.
+            parent = self._softmax_parent.__name__
+            raise ValueError(
+                f"No weights for {type(self).__name__} {self.name!r} in this "
+                "file. Weights files (`.weights.h5`, `.keras`) key each layer "
+                "by its class name, so weights saved from a model with "
+                f"`keras.layers.{parent}` cannot load into its MultiMax twin. "
+                "Load them into the SoftMax model, then convert it: "
+                "`keras_multimax.convert.to_multimax(model)` copies every "
+                "projection and starts with ts = 0 (exactly the old outputs)."
+            )
+        super().load_own_variables(store)
 
     def get_config(self):
         config = super().get_config()
@@ -207,6 +243,8 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
         Learning", ICML 2024.
     """
 
+    _softmax_parent = keras.layers.MultiHeadAttention
+
     def __init__(
         self,
         num_heads: int,
@@ -272,6 +310,9 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
         )
 
     def build(self, query_shape, value_shape, key_shape=None):
+        self._check_input_ranks(
+            False, query=query_shape, value=value_shape, key=key_shape
+        )
         super().build(query_shape, value_shape, key_shape)
         self._build_attention_modulator(self._num_heads)
 

@@ -112,6 +112,8 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
         Learning", ICML 2024.
     """
 
+    _softmax_parent = keras.layers.GroupQueryAttention
+
     def __init__(
         self,
         head_dim: int,
@@ -188,6 +190,9 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
         )
 
     def build(self, query_shape, value_shape, key_shape=None):
+        self._check_input_ranks(
+            True, query=query_shape, value=value_shape, key=key_shape
+        )
         super().build(query_shape, value_shape, key_shape)
         self._build_attention_modulator(self.num_query_heads)
 
