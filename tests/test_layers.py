@@ -10,6 +10,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 import tensorflow as tf
+from layer_test_case import ACTIVATION_DEPTH
 from layer_test_case import run_layer_test
 
 from keras_multimax import layers
@@ -30,6 +31,7 @@ def test_multimax_layer_standard_checks(order):
         X,
         expected_output_shape=X.shape,
         expected_num_trainable_weights=2,
+        mixed_precision_depth=ACTIVATION_DEPTH,
     )
 
 
@@ -40,6 +42,7 @@ def test_multimax_layer_tuple_axis_standard_checks():
         X,
         expected_output_shape=X.shape,
         expected_num_trainable_weights=2,
+        mixed_precision_depth=ACTIVATION_DEPTH,
     )
 
 
@@ -51,7 +54,7 @@ def test_seglu_layer_standard_checks(order):
         X,
         expected_output_shape=X.shape,
         expected_num_trainable_weights=2,
-        mixed_precision_atol=5e-2,
+        mixed_precision_depth=ACTIVATION_DEPTH,
     )
 
 
