@@ -422,9 +422,6 @@ class StepTimer(keras.callbacks.Callback):
 
 def _pyplot():
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import warnings
 from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,7 @@ import tensorflow as tf
 
 __all__ = [
     "CharVocabulary",
+    "OfflineFallbackWarning",
     "TaskData",
     "char_language_model",
     "date_translation_pairs",
@@ -133,18 +135,38 @@ class CharVocabulary:
         return {"chars": self.chars}
 
 
-def _fallback_message(name: str, error: BaseException | None, offline: str) -> None:
-    reason = (
-        f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-        if error is not None and str(error)
-        else type(error).__name__
-        if error is not None
-        else "requested"
+class OfflineFallbackWarning(UserWarning):
+    """A tfds dataset was not available, so its offline default is used."""
+
+
+def _unavailable_errors() -> tuple[type[Exception], ...]:
+    """What tfds raises when a dataset cannot be had here.
+
+    `DatasetNotFoundError` for an unknown name, an `AssertionError` "could not
+    find data" for a dataset that is not prepared (``download=False``), and
+    `DownloadError` or an `OSError` (connection errors included) when a
+    download fails. Anything else is a bug and propagates.
+    """
+    import tensorflow_datasets as tfds
+
+    return (
+        tfds.core.registered.DatasetNotFoundError,
+        tfds.download.DownloadError,
+        OSError,
+        AssertionError,
     )
-    print(
+
+
+def _fall_back(name: str, error: Exception, offline: str) -> None:
+    """Warns that `name` is replaced by `offline`; re-raises other assertions."""
+    if isinstance(error, AssertionError) and "could not find data" not in str(error):
+        raise error
+    reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+    warnings.warn(
         f"keras_multimax.data: tfds dataset '{name}' is not available ({reason}); "
         f"using the offline default: {offline}.",
-        flush=True,
+        OfflineFallbackWarning,
+        stacklevel=3,
     )
 
 
@@ -270,11 +292,11 @@ def image_classification(
             train = _tfds_images(name, "train", max_train_examples, download, data_dir)
             test = _tfds_images(name, "test", max_test_examples, download, data_dir)
             source = f"tfds:{name}"
-        except Exception as e:  # tfds raises many kinds when it cannot load.
+        except _unavailable_errors() as e:
             error = e
     if name == "digits" or error is not None:
         if error is not None:
-            _fallback_message(
+            _fall_back(
                 name, error, "scikit-learn handwritten digits (8x8, 1,797 images)"
             )
         train, test = _digits(seed)
@@ -374,13 +396,11 @@ def char_language_model(
                 )
             train_text, test_text = texts["train"], texts["test"]
             source = "tfds:tiny_shakespeare"
-        except Exception as e:
+        except _unavailable_errors() as e:
             error = e
     if name == "pydoc" or error is not None:
         if error is not None:
-            _fallback_message(
-                name, error, "English text of CPython's pydoc_data.topics"
-            )
+            _fall_back(name, error, "English text of CPython's pydoc_data.topics")
         text = _python_docs_text()
         cut = int(0.9 * len(text))
         train_text, test_text = text[:cut], text[cut:]
@@ -625,11 +645,11 @@ def translation(
                 splits[split] = ([p[0] for p in pairs], [p[1] for p in pairs])
             train_pairs, test_pairs = splits["train"], splits["test"]
             source = f"tfds:{name}"
-        except Exception as e:
+        except _unavailable_errors() as e:
             error = e
     if name == "dates" or error is not None:
         if error is not None:
-            _fallback_message(
+            _fall_back(
                 name,
                 error,
                 "generated date-format translation ('28 November 2026' -> "

@@ -228,3 +228,14 @@ def test_plot_errors():
         analysis.plot_simplex(ranges=np.zeros(4))
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         analysis.plot_attention_maps({"x": np.zeros(2)})
+
+
+def test_plotting_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib", reason="plots need matplotlib")
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # as a user (or a notebook) might have chosen
+    try:
+        analysis.plot_simplex(path=os.path.join(tmp_path, "simplex.png"))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

@@ -28,7 +28,7 @@ def test_image_pipeline_with_tfds(name, shape, capsys):
             name, batch_size=8, max_train_examples=16, max_test_examples=8
         )
     assert task.source == f"tfds:{name}"
-    assert "offline" not in capsys.readouterr().out
+    assert "offline" not in capsys.readouterr().out  # and no warning (filterwarnings)
     assert task.info == {
         "input_shape": shape,
         "num_classes": 10,
@@ -83,13 +83,29 @@ def test_translation_pipeline_with_tfds():
 # ---------------------------------------------------------------------------
 
 
-def test_fallback_prints_one_line_and_uses_digits(tmp_path, capsys):
-    task = data.image_classification("mnist", data_dir=str(tmp_path))
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
-    assert len(lines) == 1
-    assert "tfds dataset 'mnist' is not available" in lines[0]
-    assert "offline default: scikit-learn handwritten digits" in lines[0]
+def test_fallback_warns_once_prints_nothing_and_uses_digits(tmp_path, capsys):
+    with pytest.warns(data.OfflineFallbackWarning) as caught:
+        task = data.image_classification("mnist", data_dir=str(tmp_path))
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "tfds dataset 'mnist' is not available" in message
+    assert "offline default: scikit-learn handwritten digits" in message
+    assert caught[0].filename == __file__  # points at the caller
+    assert capsys.readouterr().out == ""
     assert task.source == "offline:sklearn-digits"
+
+
+@pytest.mark.parametrize(
+    "task", [data.image_classification, data.char_language_model, data.translation]
+)
+def test_bugs_inside_tfds_loading_are_not_hidden_by_the_fallback(task, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not a missing dataset")
+
+    monkeypatch.setattr(data, "_tfds_load", broken)
+    monkeypatch.setattr(data, "_tfds_images", broken, raising=False)
+    with pytest.raises(KeyError, match="a bug"):
+        task()
 
 
 def test_digits_are_the_sklearn_digits():
@@ -110,15 +126,13 @@ def test_digits_are_the_sklearn_digits():
     assert images.min() == 0.0 and images.max() == 1.0
 
 
-def test_pydoc_text_windows(tmp_path, capsys):
+def test_pydoc_text_windows(tmp_path):
     from pydoc_data import topics
 
-    task = data.char_language_model(
-        "tiny_shakespeare", sequence_length=32, batch_size=4, data_dir=str(tmp_path)
-    )
-    assert "offline default: English text of CPython's pydoc_data.topics" in (
-        capsys.readouterr().out
-    )
+    with pytest.warns(data.OfflineFallbackWarning, match="pydoc_data.topics"):
+        task = data.char_language_model(
+            "tiny_shakespeare", sequence_length=32, batch_size=4, data_dir=str(tmp_path)
+        )
     assert task.source == "offline:pydoc_data.topics"
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
     vocab = task.info["vocabulary"]
