@@ -141,10 +141,9 @@ class PositionEmbedding(keras.layers.Layer):
         """
         if start_index is not None:
             length = keras.ops.shape(inputs)[1]
+            embeddings = keras.ops.convert_to_tensor(self.embeddings)
             positions = keras.ops.slice(
-                self.embeddings,
-                [start_index, 0],
-                [length, keras.ops.shape(self.embeddings)[1]],
+                embeddings, [start_index, 0], [length, embeddings.shape[1]]
             )
             return inputs + keras.ops.cast(positions, inputs.dtype)
         static_length = inputs.shape[1]
