@@ -112,6 +112,8 @@ def test_generate_equals_an_uncached_greedy_loop_with_and_without_cache(config):
     np.testing.assert_array_equal(
         model.generate(PROMPTS, use_cache=False), np.stack(expected)
     )
+    model.jit_compile = True  # the loop as one XLA computation
+    np.testing.assert_array_equal(model.generate(PROMPTS), np.stack(expected))
 
 
 def test_generate_with_right_padded_prompts_continues_each_prompt_as_alone():
@@ -239,6 +241,9 @@ def test_translator_cached_greedy_decode_equals_an_uncached_loop(config):
         keras.ops.convert_to_numpy(model.greedy_decode(source, max_length=3)),
         np.stack(expected, axis=1)[:, :3],
     )
+    model.jit_compile = True  # the loop as one XLA computation
+    got = keras.ops.convert_to_numpy(model.greedy_decode(source))
+    np.testing.assert_array_equal(got, np.stack(expected, axis=1))
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -258,6 +263,7 @@ def run_python(args, **env):
     return result.stdout
 
 
+@pytest.mark.slow  # ~10 s alone, more on a loaded machine (XLA compilations)
 def test_decode_benchmark_quick_run(tmp_path):
     output = tmp_path / "decode.json"
     stdout = run_python(

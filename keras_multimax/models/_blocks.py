@@ -424,11 +424,13 @@ def empty_cache(batch_size, blocks, length, dtype):
 def compile_for_backend(model: keras.Model, fn):
     """``fn(*tensors)`` compiled for Keras' backend, as KerasHub's generate.
 
-    TensorFlow: a `tf.function` (not ``run_eagerly``). JAX: ``jax.jit`` of a
-    pure function of the model's variables (passed in through a
-    `keras.StatelessScope`, so later weight updates are seen). Other
-    backends: ``fn`` itself. The backend module is imported here only, when
-    that backend is the active one.
+    TensorFlow: a `tf.function`, XLA-compiled when ``model.jit_compile``
+    (Keras' default: False on CPU-only machines; set it, or
+    ``compile(jit_compile=True)``, to opt in). JAX: ``jax.jit`` of a pure
+    function of the model's variables (passed in through a
+    `keras.StatelessScope`, so later weight updates are seen). With
+    ``model.run_eagerly`` or another backend: ``fn`` itself. The backend
+    module is imported here only, when that backend is the active one.
     """
     backend = keras.config.backend()
     if model.run_eagerly:
@@ -436,7 +438,9 @@ def compile_for_backend(model: keras.Model, fn):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, reduce_retracing=True)
+        return tf.function(
+            fn, jit_compile=bool(model.jit_compile), reduce_retracing=True
+        )
     if backend == "jax":
         import jax
 

@@ -235,8 +235,9 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
         then each step runs only the newest token through every layer
         (MultiMax attention and head included) against the cached keys and
         values. The whole loop is one compiled function (`tf.function` on
-        TensorFlow, ``jax.jit`` on JAX), traced once per prompt shape and
-        option set. ``use_cache=False`` runs the same loop without a cache:
+        TensorFlow, XLA-compiled when ``model.jit_compile`` is True, which is
+        faster on CPU too but not Keras' CPU default; ``jax.jit`` on JAX),
+        traced once per prompt shape and option set. ``use_cache=False`` runs the same loop without a cache:
         each step recomputes the full forward pass on the whole
         ``max_length`` buffer (causal attention, so the later, not yet
         generated positions have no effect) and reads the logits at the
@@ -335,12 +336,13 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
                 keras.random.uniform((max_length, batch), seed=seed)
             )
         key = (use_cache, width, end_token_id, pad_token_id, temperature)
-        if key not in self._generate_functions:
-            self._generate_functions[key] = _blocks.compile_for_backend(
+        compiled = (key, self.jit_compile, self.run_eagerly)
+        if compiled not in self._generate_functions:
+            self._generate_functions[compiled] = _blocks.compile_for_backend(
                 self, self._generate_function(*key)
             )
         start = np.array(start, "int32")
-        out = self._generate_functions[key](tokens, keep, start, uniform)
+        out = self._generate_functions[compiled](tokens, keep, start, uniform)
         return keras.ops.convert_to_numpy(out).astype("int32")
 
     def _check_prompt(self, prompt_ids, padding_mask):

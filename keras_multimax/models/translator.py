@@ -269,8 +269,9 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
         full forward pass (the official fairseq integration skips MultiMax in
         its incremental decoding). The argmax of the logits is the next
         token; after the end id a sequence continues with padding. The loop
-        is one compiled function (`tf.function` on TensorFlow, ``jax.jit`` on
-        JAX) per ``max_length``.
+        is one compiled function per ``max_length`` (`tf.function` on
+        TensorFlow, XLA-compiled when ``model.jit_compile`` is True;
+        ``jax.jit`` on JAX).
 
         Args:
             source_ids: int ``(batch, source_length)`` source ids.
@@ -286,12 +287,13 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
                 "`max_length` cannot exceed the model's `target_length`. "
                 f"Received: max_length={max_length}, target_length={self.target_length}"
             )
-        if max_length not in self._greedy_functions:
-            self._greedy_functions[max_length] = _blocks.compile_for_backend(
+        compiled = (max_length, self.jit_compile, self.run_eagerly)
+        if compiled not in self._greedy_functions:
+            self._greedy_functions[compiled] = _blocks.compile_for_backend(
                 self, self._greedy_function(max_length)
             )
         source_ids = keras.ops.convert_to_tensor(source_ids, "int32")
-        return self._greedy_functions[max_length](source_ids)
+        return self._greedy_functions[compiled](source_ids)
 
     def _greedy_function(self, max_length):
         """The cached greedy loop generating ``max_length`` tokens."""
