@@ -163,6 +163,19 @@ def test_sampling_is_seeded_and_the_same_with_and_without_cache():
     )
 
 
+def test_sampled_token_frequencies_follow_the_softmax_of_the_logits():
+    model = lm(head="softmax")
+    n, temperature = 4000, 0.7
+    prompts = np.repeat(PROMPTS[:1], n, axis=0)
+    sampled = model.generate(prompts, max_length=5, temperature=temperature, seed=9)
+    scaled = logits(model, PROMPTS[:1])[0, -1] / temperature
+    p = np.exp(scaled - scaled.max())
+    p /= p.sum()
+    freq = np.bincount(sampled[:, 4], minlength=VOCAB) / n
+    # 5 binomial standard deviations per token (a false alarm ~1e-5 over 24).
+    np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1e-9)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -192,6 +205,14 @@ def test_generate_bad_prompts_raise():
         model.generate(PROMPTS.astype("float32"))
     with pytest.raises(TypeError, match="use_cache=1"):
         model.generate(PROMPTS, use_cache=1)
+
+
+def test_call_with_cache_outside_the_cache_raises():
+    model = lm(num_layers=1)
+    with pytest.raises(ValueError, match="cache_update_index=11"):
+        model.call_with_cache(PROMPTS[:, :2], model.empty_cache(3), 11)
+    with pytest.raises(ValueError, match="length=13"):
+        model.empty_cache(3, length=LENGTH + 1)
 
 
 def test_generate_after_a_keras_file_round_trip(tmp_path):

@@ -184,6 +184,19 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
             ``(logits, cache)``: ``(B, T, vocab_size)`` next-token logits and
             the updated cache.
         """
+        length, cache_length = token_ids.shape[1], cache.shape[3]
+        if (
+            isinstance(cache_update_index, int)
+            and length is not None
+            and cache_length is not None
+            and not 0 <= cache_update_index <= cache_length - length
+        ):
+            raise ValueError(
+                "`cache_update_index` must place the new tokens inside the "
+                f"cache: 0 <= cache_update_index <= {cache_length} (cache "
+                f"length) - {length} (new tokens). Received: "
+                f"cache_update_index={cache_update_index}"
+            )
         x = self.token_embedding(token_ids)
         x = self.position_embedding(x, start_index=cache_update_index)
         mask = _blocks.causal_cache_mask(
@@ -393,11 +406,12 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
             logits = ops.cast(logits, "float32")
             if temperature is None:
                 return ops.cast(ops.argmax(logits, axis=-1), "int32")
-            # Inverse-CDF sampling with one uniform draw per row and step.
-            probs = ops.softmax(logits / temperature, axis=-1)
-            below = ops.cumsum(probs, axis=-1) <= u[:, None]
-            index = ops.sum(ops.cast(below, "int32"), axis=-1)
-            return ops.minimum(index, self.vocab_size - 1)
+            # Inverse-CDF sampling with one uniform draw u in [0, 1) per row
+            # and step: the first token whose cumulative probability exceeds
+            # u times the total (never a zero-probability token).
+            cdf = ops.cumsum(ops.softmax(logits / temperature, axis=-1), axis=-1)
+            below = ops.less_equal(cdf, u[:, None] * cdf[:, -1:])
+            return ops.sum(ops.cast(below, "int32"), axis=-1)
 
         def generate(tokens, keep, start, uniform):
             tokens = ops.convert_to_tensor(tokens, "int32")
