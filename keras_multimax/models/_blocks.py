@@ -132,7 +132,20 @@ class PositionEmbedding(keras.layers.Layer):
             initializer=self.initializer,
         )
 
-    def call(self, inputs):
+    def call(self, inputs, start_index=None):
+        """Adds positions ``start_index, start_index + 1, ...`` (default 0).
+
+        A non-default ``start_index`` (an int or scalar int tensor, used by the
+        cached decoding paths) is not checked against ``sequence_length``:
+        the caller validates the decoding length.
+        """
+        if start_index is not None:
+            length = keras.ops.shape(inputs)[1]
+            embeddings = keras.ops.convert_to_tensor(self.embeddings)
+            positions = keras.ops.slice(
+                embeddings, [start_index, 0], [length, embeddings.shape[1]]
+            )
+            return inputs + keras.ops.cast(positions, inputs.dtype)
         static_length = inputs.shape[1]
         if static_length is not None and static_length > self.sequence_length:
             raise ValueError(
@@ -273,6 +286,173 @@ class TransformerBlock(keras.layers.Layer):
 
     def compute_output_shape(self, x_shape, context_shape=None):
         return x_shape
+
+    def cross_attention_cache(self, context):
+        """The cross-attention keys and values of ``context``, ``[B, 2, S, H, D]``."""
+        return project_key_value(self.cross_attention, context)
+
+    def call_with_cache(
+        self,
+        x,
+        cache,
+        cache_update_index,
+        attention_mask,
+        cross_attention_cache=None,
+        cross_attention_mask=None,
+    ):
+        """The block at inference on new positions, with a key/value cache.
+
+        Args:
+            x: ``(B, T, hidden_dim)`` inputs at positions
+                ``cache_update_index ... cache_update_index + T - 1``.
+            cache: ``[B, 2, S, H, D]`` self-attention keys and values.
+            cache_update_index: Where the keys/values of ``x`` go in ``cache``.
+            attention_mask: ``(B or 1, T, S)`` self-attention mask, e.g.
+                `causal_cache_mask`.
+            cross_attention_cache: ``[B, 2, S_context, H, D]``
+                (`cross_attention_cache`), for blocks with cross-attention.
+            cross_attention_mask: ``(B, T or 1, S_context)`` mask of the
+                context keys.
+
+        Returns:
+            ``(outputs, updated cache)``.
+        """
+        h = self.norm1(x)
+        h, cache = attention_with_cache(
+            self.attention, h, cache, cache_update_index, attention_mask
+        )
+        x = x + h
+        if self.cross:
+            h, _ = attention_with_cache(
+                self.cross_attention,
+                self.norm_cross(x),
+                cross_attention_cache,
+                None,
+                cross_attention_mask,
+            )
+            x = x + h
+        x = x + self.mlp(self.norm2(x), training=False)
+        return x, cache
+
+
+def project_key_value(layer: keras.layers.MultiHeadAttention, value):
+    """``[B, 2, S, H, D]``: the key and value projections of ``value``."""
+    return keras.ops.stack([layer._key_dense(value), layer._value_dense(value)], axis=1)
+
+
+def attention_with_cache(
+    layer: keras.layers.MultiHeadAttention,
+    query,
+    cache,
+    cache_update_index,
+    attention_mask,
+):
+    """Self- or cross-attention of ``layer`` with a key/value cache, at inference.
+
+    The cached path of KerasHub's ``CachedMultiHeadAttention``, for a built
+    `keras.layers.MultiHeadAttention` or
+    `keras_multimax.layers.MultiMaxAttention` (no gating, one attention
+    axis): the layer's own projections and its ``_compute_attention``, so
+    MultiMax attention normalises the scores with MultiMax (masked keys
+    removed after the modulation) exactly as in the uncached call.
+
+    With an int ``cache_update_index`` the keys and values of ``query``
+    (self-attention) are written into ``cache`` at that position first; with
+    ``None`` the cache is read only (cross-attention, see
+    `project_key_value`).
+
+    Args:
+        layer: The attention layer.
+        query: ``(B, T, dim)`` inputs at the new positions.
+        cache: ``[B, 2, S, H, D]`` keys (index 0) and values (index 1).
+        cache_update_index: Position of ``query``'s first token, or None.
+        attention_mask: Boolean mask broadcastable to ``(B, T, S)``.
+
+    Returns:
+        ``(attention_output, cache)`` with the updated cache.
+    """
+    projected_query = layer._query_dense(query)
+    key, value = cache[:, 0], cache[:, 1]
+    if cache_update_index is not None:
+        start = [0, cache_update_index, 0, 0]
+        key = keras.ops.slice_update(key, start, layer._key_dense(query))
+        value = keras.ops.slice_update(value, start, layer._value_dense(query))
+        cache = keras.ops.stack([key, value], axis=1)
+    output, _ = layer._compute_attention(
+        projected_query, key, value, attention_mask, training=False
+    )
+    return layer._output_dense(output), cache
+
+
+def causal_cache_mask(cache_update_index, query_length, cache_length):
+    """``(1, T, S)``: query ``cache_update_index + i`` sees keys ``<= itself``."""
+    queries = keras.ops.arange(query_length, dtype="int32") + keras.ops.cast(
+        cache_update_index, "int32"
+    )
+    keys = keras.ops.arange(cache_length, dtype="int32")
+    return keras.ops.expand_dims(
+        keras.ops.less_equal(keys[None, :], queries[:, None]), 0
+    )
+
+
+def blocks_with_cache(
+    blocks, x, cache, cache_update_index, mask, cross_caches=None, cross_mask=None
+):
+    """Runs `TransformerBlock.call_with_cache` of each block in turn.
+
+    ``cache`` is ``[B, len(blocks), 2, S, H, D]`` and ``cross_caches`` (for
+    decoder blocks) one ``[B, 2, S_context, H, D]`` per block. Returns the
+    outputs and the updated cache.
+    """
+    caches = []
+    for i, block in enumerate(blocks):
+        cross = None if cross_caches is None else cross_caches[i]
+        x, layer_cache = block.call_with_cache(
+            x, cache[:, i], cache_update_index, mask, cross, cross_mask
+        )
+        caches.append(layer_cache)
+    return x, keras.ops.stack(caches, axis=1)
+
+
+def empty_cache(batch_size, blocks, length, dtype):
+    """Zeros ``[B, len(blocks), 2, length, H, D]`` for the blocks' self-attention."""
+    attention = blocks[0].attention
+    shape = [batch_size, len(blocks), 2, length, attention._num_heads]
+    return keras.ops.zeros(shape + [attention._key_dim], dtype=dtype)
+
+
+def compile_for_backend(model: keras.Model, fn):
+    """``fn(*tensors)`` compiled for Keras' backend, as KerasHub's generate.
+
+    TensorFlow: a `tf.function`, XLA-compiled when ``model.jit_compile``
+    (Keras' default: False on CPU-only machines; set it, or
+    ``compile(jit_compile=True)``, to opt in). JAX: ``jax.jit`` of a pure
+    function of the model's variables (passed in through a
+    `keras.StatelessScope`, so later weight updates are seen). With
+    ``model.run_eagerly`` or another backend: ``fn`` itself. The backend
+    module is imported here only, when that backend is the active one.
+    """
+    backend = keras.config.backend()
+    if model.run_eagerly:
+        return fn
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(
+            fn, jit_compile=bool(model.jit_compile), reduce_retracing=True
+        )
+    if backend == "jax":
+        import jax
+
+        variables = model.variables
+
+        @jax.jit
+        def pure(values, *args):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return fn(*args)
+
+        return lambda *args: pure([v.value for v in variables], *args)
+    return fn
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")

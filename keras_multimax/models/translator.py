@@ -6,7 +6,6 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.models import _blocks
@@ -184,6 +183,8 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
         self.per_head = per_head
         self.ranges_initializer = ranges_initializer
         self.ts_initializer = ts_initializer
+        # Compiled decoding loops of `greedy_decode`, one per `max_length`.
+        self._greedy_functions = {}
 
     @staticmethod
     def _key_mask(query_ids, key_valid):
@@ -256,17 +257,21 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
             for name, (p, m) in scores.items()
         }
 
-    def greedy_decode(self, source_ids, max_length: int | None = None) -> tf.Tensor:
-        """Greedy decoding that runs the full model, MultiMax included, at every step.
+    def greedy_decode(self, source_ids, max_length: int | None = None):
+        """Greedy decoding with a key/value cache, MultiMax at every step.
 
-        The source is encoded once; at step ``i`` the decoder runs on the
-        prefix (start id and the ``i`` tokens chosen so far, causal
-        attention), and the argmax of the output at position ``i`` is the
-        next token. There is no key/value cache: every step recomputes the
-        decoder on the prefix, so every attention layer and the output head
-        apply their MultiMax modulators exactly as in training (decoding is
-        O(T²) in the target length; targets here are short). After the end
-        id a sequence continues with padding.
+        The source is encoded once, and the keys and values of every
+        cross-attention layer are projected from it once. Step ``i`` then
+        runs only the newest token (the start id at step 0) through the
+        decoder: its self-attention keys and values are appended to a cache
+        and it attends causally to the cached ones, so every attention layer
+        and the output head apply their MultiMax modulators exactly as the
+        full forward pass (the official fairseq integration skips MultiMax in
+        its incremental decoding). The argmax of the logits is the next
+        token; after the end id a sequence continues with padding. The loop
+        is one compiled function per ``max_length`` (`tf.function` on
+        TensorFlow, XLA-compiled when ``model.jit_compile`` is True;
+        ``jax.jit`` on JAX).
 
         Args:
             source_ids: int ``(batch, source_length)`` source ids.
@@ -282,23 +287,63 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
                 "`max_length` cannot exceed the model's `target_length`. "
                 f"Received: max_length={max_length}, target_length={self.target_length}"
             )
-        return self._greedy(tf.convert_to_tensor(source_ids, "int32"), max_length)
+        compiled = (max_length, self.jit_compile, self.run_eagerly)
+        if compiled not in self._greedy_functions:
+            self._greedy_functions[compiled] = _blocks.compile_for_backend(
+                self, self._greedy_function(max_length)
+            )
+        source_ids = keras.ops.convert_to_tensor(source_ids, "int32")
+        return self._greedy_functions[compiled](source_ids)
 
-    @tf.function(reduce_retracing=True)
-    def _greedy(self, source_ids, max_length):
-        context, source_valid = self._encode(source_ids, training=False)
-        batch = tf.shape(source_ids)[0]
-        tokens = tf.fill([batch, 1], START_ID)
-        finished = tf.zeros([batch], dtype=tf.bool)
-        outputs = []
-        for i in range(max_length):
-            logits = self._decode(tokens, context, source_valid, training=False)
-            next_ids = tf.argmax(logits[:, i], axis=-1, output_type=tf.int32)
-            next_ids = tf.where(finished, PAD_ID, next_ids)
-            finished = tf.logical_or(finished, tf.equal(next_ids, END_ID))
-            outputs.append(next_ids)
-            tokens = tf.concat([tokens, next_ids[:, None]], axis=1)
-        return tf.stack(outputs, axis=1)
+    def _greedy_function(self, max_length):
+        """The cached greedy loop generating ``max_length`` tokens."""
+        ops = keras.ops
+
+        def greedy(source_ids):
+            context, source_valid = self._encode(source_ids, training=False)
+            cross_caches = [
+                b.cross_attention_cache(context) for b in self.decoder_blocks
+            ]
+            cross_mask = ops.expand_dims(source_valid, 1)
+            batch = ops.shape(source_ids)[0]
+            cache = _blocks.empty_cache(
+                batch, self.decoder_blocks, max_length, self.compute_dtype
+            )
+            # tokens[:, 0] is the start id, tokens[:, i + 1] the i-th output.
+            tokens = ops.concatenate(
+                [
+                    ops.full((batch, 1), START_ID, "int32"),
+                    ops.full((batch, max_length), PAD_ID, "int32"),
+                ],
+                axis=1,
+            )
+            finished = ops.zeros((batch,), "bool")
+
+            def cond(index, tokens, cache, finished):
+                return ops.logical_and(
+                    ops.less(index, max_length), ops.logical_not(ops.all(finished))
+                )
+
+            def body(index, tokens, cache, finished):
+                y = self.target_embedding(ops.slice(tokens, [0, index], [batch, 1]))
+                y = self.target_position_embedding(y, start_index=index)
+                mask = _blocks.causal_cache_mask(index, 1, max_length)
+                y, cache = _blocks.blocks_with_cache(
+                    self.decoder_blocks, y, cache, index, mask, cross_caches, cross_mask
+                )
+                y = self.decoder_norm(y)
+                for layer in self.head_layers:
+                    y = layer(y)
+                chosen = ops.cast(ops.argmax(y[:, 0], axis=-1), "int32")
+                chosen = ops.where(finished, PAD_ID, chosen)
+                finished = ops.logical_or(finished, ops.equal(chosen, END_ID))
+                tokens = ops.slice_update(tokens, [0, index + 1], chosen[:, None])
+                return index + 1, tokens, cache, finished
+
+            state = (ops.convert_to_tensor(0, "int32"), tokens, cache, finished)
+            return ops.while_loop(cond, body, state)[1][:, 1:]
+
+        return greedy
 
     def get_config(self):
         return {
