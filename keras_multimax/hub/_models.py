@@ -168,6 +168,10 @@ def to_multimax(model, options: dict[str, Any]):
             f"model={model.name!r}"
         )
     options = validate_options(options)
+    # Before building anything: name the out-of-reach layers of `model`.
+    _, _, unreachable, _ = find_attention(model)
+    if unreachable:
+        raise unreachable_error(unreachable, f"{type(model).__name__} {model.name!r}")
     if isinstance(model, Backbone):
         cls = multimax_class(type(model))
         new = cls.from_config({**model.get_config(), "multimax": options})
@@ -231,26 +235,32 @@ def _carry_lora(old, new):
 
 
 def _pairs(old, new):
-    """(old variable, new variable) by path; the new model's extra variables
-    must be exactly its MultiMax ``ranges``/``ts``."""
+    """(old variable, new variable) pairs, by path or else in order.
+
+    The new model's extra variables must be exactly its MultiMax
+    ``ranges``/``ts``. Variables are matched by path when both models have
+    the same unique paths; families that leave layers unnamed get
+    auto-numbered names that differ between two instances (Mixtral's
+    experts), and then the variables are matched in creation order, as
+    ``set_weights`` does (`copy_weights` checks every shape and dtype).
+    """
     extra = {id(v) for v in modulator_variables(new)}
-    targets = {}
-    for variable in new.weights:
-        if id(variable) not in extra:
-            targets.setdefault(variable.path, []).append(variable)
-    sources = {}
-    for variable in old.weights:
-        sources.setdefault(variable.path, []).append(variable)
-    if sorted(sources) != sorted(targets) or any(len(v) != 1 for v in sources.values()):
-        only_old = sorted(set(sources) - set(targets))
-        only_new = sorted(set(targets) - set(sources))
-        repeated = sorted(p for p, v in sources.items() if len(v) != 1)
+    targets = [v for v in new.weights if id(v) not in extra]
+    sources = list(old.weights)
+    old_paths = [v.path for v in sources]
+    new_paths = [v.path for v in targets]
+    if len(set(old_paths)) == len(old_paths) and sorted(old_paths) == sorted(new_paths):
+        by_path = {v.path: v for v in targets}
+        return [(v, by_path[v.path]) for v in sources]
+    if len(sources) != len(targets):
         raise ValueError(
             f"`to_multimax` cannot match the weights of {old.name!r} with its "
-            f"MultiMax copy by path. Only in the original: {only_old}; only "
-            f"in the copy: {only_new}; repeated paths: {repeated}."
+            f"MultiMax copy: {len(sources)} weights in the original, "
+            f"{len(targets)} (besides ranges/ts) in the copy. Only in the "
+            f"original: {sorted(set(old_paths) - set(new_paths))}; only in "
+            f"the copy: {sorted(set(new_paths) - set(old_paths))}."
         )
-    return [(sources[p][0], targets[p][0]) for p in sources]
+    return list(zip(sources, targets))
 
 
 def copy_weights(old, new):
