@@ -14,6 +14,19 @@ MHA = {**TEXT, "num_heads": 2}
 IMAGE = {"image_shape": (16, 16, 3), "patch_size": 4, "num_layers": 2, "num_heads": 2}
 M = keras_hub.models
 
+# ts = 0: MultiMax then is SoftMax computed by another kernel (same float32
+# formula, other summation order): a few ulps (2^-24 ≈ 6e-8) per probability,
+# through 2 layers of width 16. Measured ≤ 5e-7 relative (ViT; 0 for the
+# others); 1e-5 relative to max(1, |output|) covers other CPUs' rounding.
+TS0_BOUND = 1e-5
+# ts ≠ 0 (ranges ~ N(0, 1), ts ~ U(0.5, 1)) on O(1) scores: measured ≥ 0.4
+# relative; a 10x smaller change would still be far above TS0_BOUND.
+ACTIVE_BOUND = 0.04
+# Token-by-token `call_with_cache` vs one full pass, ts ≠ 0: the issue's bound.
+# Measured ≤ 6e-7 relative: the same float32 ops, other shapes.
+CACHE_BOUND = 1e-4
+
+
 # name -> (backbone constructor, its kwargs)
 BACKBONES = {
     "bert": (M.BertBackbone, {**MHA, "max_sequence_length": 32}),
@@ -137,3 +150,13 @@ def randomize(model, seed=0, std=0.3):
     for w in model.weights:
         if len(w.shape) >= 2 and "float" in str(w.dtype):
             w.assign(rng.normal(0.0, std, size=w.shape))
+
+
+def cached_steps(lm, token_ids):
+    """Logits of `token_ids` fed one token at a time through the KV cache."""
+    _, cache = lm._build_cache(np.zeros_like(token_ids))
+    steps = []
+    for i in range(token_ids.shape[1]):
+        logits, _, cache = lm.call_with_cache(token_ids[:, i : i + 1], cache, i)
+        steps.append(keras.ops.convert_to_numpy(logits)[:, 0])
+    return np.stack(steps, axis=1)

@@ -22,17 +22,7 @@ from keras_multimax.convert import to_multimax
 
 FAMILIES = tuple(H.TASKS)
 CAUSAL = ("gpt2", "llama", "gemma")
-# ts = 0: MultiMax then is SoftMax computed by another kernel (same float32
-# formula, other summation order): a few ulps (2^-24 ≈ 6e-8) per probability,
-# through 2 layers of width 16. Measured ≤ 5e-7 relative (ViT; 0 for the
-# others); 1e-5 relative to max(1, |output|) covers other CPUs' rounding.
-TS0_BOUND = 1e-5
-# ts ≠ 0 (ranges ~ N(0, 1), ts ~ U(0.5, 1)) on O(1) scores: measured ≥ 0.4
-# relative; a 10x smaller change would still be far above TS0_BOUND.
-ACTIVE_BOUND = 0.04
-# Token-by-token `call_with_cache` vs one full pass, ts ≠ 0: the issue's bound.
-# Measured ≤ 6e-7 relative: the same float32 ops, other shapes.
-CACHE_BOUND = 1e-4
+TS0_BOUND, ACTIVE_BOUND, CACHE_BOUND = H.TS0_BOUND, H.ACTIVE_BOUND, H.CACHE_BOUND
 
 
 def _np(x):
@@ -99,26 +89,16 @@ def test_active_modulators_change_outputs_and_get_gradients(name):
         assert np.all(np.isfinite(g)) and np.any(g != 0), variable.path
 
 
-def _cached_steps(lm, token_ids):
-    """Logits of `token_ids` fed one token at a time through the KV cache."""
-    _, cache = lm._build_cache(np.zeros_like(token_ids))
-    steps = []
-    for i in range(token_ids.shape[1]):
-        logits, _, cache = lm.call_with_cache(token_ids[:, i : i + 1], cache, i)
-        steps.append(_np(logits)[:, 0])
-    return np.stack(steps, axis=1)
-
-
 @pytest.mark.parametrize("name", CAUSAL)
 def test_cached_decoding_equals_the_full_forward(name):
     model, new = _pair(name)
     H.activate(new)
     tokens = np.random.default_rng(3).integers(1, H.V, size=(H.B, H.T))
     full = _np(new({"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}))
-    cached = _cached_steps(new, tokens)
+    cached = H.cached_steps(new, tokens)
     assert H.rel_diff(cached, full) <= CACHE_BOUND
     # MultiMax runs at every cached step: SoftMax's cached logits differ.
-    assert H.rel_diff(_cached_steps(model, tokens), full) > ACTIVE_BOUND
+    assert H.rel_diff(H.cached_steps(model, tokens), full) > ACTIVE_BOUND
 
 
 def _greedy_loop(lm, prompt, length):

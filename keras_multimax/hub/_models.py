@@ -210,8 +210,16 @@ def _carry_lora(old, new):
     """Enables LoRA on `new` where it is enabled on `old`, with the same rank."""
     new_layers = _sublayers_by_path(new)
     for path, layer in _sublayers_by_path(old).items():
-        if getattr(layer, "lora_enabled", False):
-            twin = new_layers[path]
+        if not getattr(layer, "lora_enabled", False):
+            continue
+        twin = new_layers.get(path)
+        if twin is None:
+            raise ValueError(
+                f"`to_multimax` cannot find the LoRA layer {path!r} of "
+                f"{old.name!r} in its MultiMax copy. Convert first, then call "
+                "`enable_lora` on the converted backbone."
+            )
+        if not twin.lora_enabled:
             twin.enable_lora(layer.lora_rank, lora_alpha=layer.lora_alpha)
     for variable, twin in _pairs(old, new):
         twin.trainable = variable.trainable
