@@ -269,3 +269,27 @@ def test_keras_multimax_imports_without_keras_hub():
     assert run.returncode == 0, run.stderr[-2000:]
     assert 'pip install -e ".[keras-hub]"' in run.stdout
     assert 'pip install "keras-multimax[keras-hub]"' in run.stdout
+
+
+def test_lora_weights_file_carries_the_modulators(tmp_path):
+    model = hub.multimax_class(keras_hub.models.GemmaBackbone)(
+        **H.BACKBONES["gemma"][1]
+    )
+    model.enable_lora(2)
+    H.activate(model)
+    for w in model.weights:
+        if w.path.endswith("lora_kernel_b"):
+            w.assign(np.random.default_rng(0).normal(size=w.shape))
+    x = H.inputs(model)
+    expected = H.outputs(model, x)
+    path = str(tmp_path / "adapters.lora.h5")
+    model.save_lora_weights(path)
+    # A new instance: other auto-numbered layer names, same modulator order.
+    other = type(model).from_config(model.get_config())
+    source = {w.path: w for w in model.weights}
+    for w in other.weights:
+        if w.name not in ("ranges", "ts"):
+            w.assign(source[w.path])
+    assert H.rel_diff(H.outputs(other, x), expected) > ACTIVE_BOUND
+    other.load_lora_weights(path)
+    assert H.rel_diff(H.outputs(other, x), expected) <= TS0_BOUND

@@ -442,7 +442,10 @@ def _convert_family(layer, options):
                 axis=softmax.axis,
                 num_heads=num_heads,
                 dtype=softmax.dtype_policy,
-                name=softmax.name,
+                # Named after the attribute, not the Softmax (often unnamed,
+                # "softmax_12"), so that weight paths do not depend on how
+                # many layers were built before.
+                name=name.lstrip("_"),
                 **modulator,
             )
             layer._tracker.untrack(softmax)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import h5py
 import keras
 from keras_hub.models import Backbone
 from keras_hub.models import Task
@@ -76,6 +77,45 @@ class MultiMaxBackbone:
         super().enable_lora(rank, target_layer_names=target_layer_names)
         for variable in modulator_variables(self):
             variable.trainable = True
+
+    def save_lora_weights(self, filepath):
+        """`Backbone.save_lora_weights`, plus the MultiMax ``ranges``/``ts``.
+
+        They are stored under ``multimax/<i>/`` in the same file, ``i``
+        counting the modulators in layer order.
+        """
+        super().save_lora_weights(filepath)
+        with h5py.File(filepath, "a") as file:
+            group = file.create_group("multimax")
+            for i, variable in enumerate(modulator_variables(self)):
+                group[f"{i // 2}/{variable.name}"] = keras.ops.convert_to_numpy(
+                    variable
+                )
+
+    def load_lora_weights(self, filepath):
+        """`Backbone.load_lora_weights`, plus the MultiMax ``ranges``/``ts``
+        when the file has them (a file saved from a SoftMax backbone leaves
+        them as they are)."""
+        super().load_lora_weights(filepath)
+        with h5py.File(filepath, "r") as file:
+            group = file.get("multimax")
+            if group is None:
+                return
+            variables = modulator_variables(self)
+            if len(group) * 2 != len(variables):
+                raise ValueError(
+                    f"The LoRA file {filepath!r} holds {len(group)} MultiMax "
+                    f"modulators, but {self.name!r} has {len(variables) // 2}."
+                )
+            for i, variable in enumerate(variables):
+                value = group[f"{i // 2}/{variable.name}"][()]
+                if value.shape != tuple(variable.shape):
+                    raise ValueError(
+                        f"The LoRA file {filepath!r} holds {variable.name} of "
+                        f"shape {value.shape} for {variable.path!r}, of shape "
+                        f"{tuple(variable.shape)}."
+                    )
+                variable.assign(value)
 
 
 def is_multimax(model) -> bool:
