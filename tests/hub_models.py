@@ -34,7 +34,8 @@ BACKBONES = {
     "llama": (M.LlamaBackbone, GQA),
     "gemma": (M.GemmaBackbone, {**GQA, "head_dim": 4}),
     "vit": (M.ViTBackbone, {**IMAGE, "hidden_dim": 16, "mlp_dim": 32}),
-    # Quick checks of more families.
+    # Quick checks of more families. (Gemma3CausalLM is left out of the cache
+    # check: its `_build_cache` needs image arguments.)
     "opt": (M.OPTBackbone, {**MHA, "max_sequence_length": 32}),
     "mistral": (M.MistralBackbone, GQA),
     "qwen": (M.QwenBackbone, GQA),
@@ -49,11 +50,42 @@ BACKBONES = {
     "deberta_v3": (M.DebertaV3Backbone, {**MHA, "max_sequence_length": 32}),
     "bart": (M.BartBackbone, {**MHA, "max_sequence_length": 32}),
     "deit": (M.DeiTBackbone, {**IMAGE, "hidden_dim": 16, "intermediate_dim": 32}),
+    "dinov2": (
+        M.DINOV2Backbone,
+        {**IMAGE, "hidden_dim": 16, "intermediate_dim": 32, "image_shape": (16, 16, 3)},
+    ),
+    "llama3": (M.Llama3Backbone, GQA),
+    "gemma3": (M.Gemma3Backbone, {**GQA, "head_dim": 4, "image_size": 16}),
+    "albert": (M.AlbertBackbone, {**MHA, "embedding_dim": 8}),
+    "electra": (
+        M.ElectraBackbone,
+        {**{k: v for k, v in MHA.items() if k != "vocabulary_size"}, "vocab_size": V}
+        | {"embedding_dim": 8},
+    ),
+    "xlnet": (M.XLNetBackbone, MHA),
+    "whisper": (
+        M.WhisperBackbone,
+        {
+            **MHA,
+            "num_mels": 8,
+            "max_encoder_sequence_length": 16,
+            "max_decoder_sequence_length": 16,
+        },
+    ),
 }
 # Out of reach: inline softmax or unconditional fused attention.
 UNREACHABLE = {
     "roformer_v2": (M.RoformerV2Backbone, {**MHA, "head_size": 8}),
     "esm": (M.ESMBackbone, MHA),
+    "t5": (M.T5Backbone, MHA),
+    "gpt_oss": (M.GptOssBackbone, {**GQA, "num_experts": 2}),
+}
+# The attention class each of them uses.
+UNREACHABLE_CLASSES = {
+    "roformer_v2": "RoformerAttention",
+    "esm": "EsmSelfAttention",
+    "t5": "T5MultiHeadAttention",
+    "gpt_oss": "GptOssAttention",
 }
 # name -> task class, for the families tested in depth.
 TASKS = {
@@ -64,7 +96,7 @@ TASKS = {
     "vit": M.ViTImageClassifier,
 }
 DECODERS = ("gpt2", "llama", "gemma", "opt", "mistral", "qwen", "qwen3", "phi3")
-DECODERS += ("falcon", "bloom", "gpt_neo_x", "mixtral")
+DECODERS += ("falcon", "bloom", "gpt_neo_x", "mixtral", "llama3")
 
 
 def backbone(name):

@@ -34,7 +34,8 @@ def _pair(name):
 def test_more_families_convert_every_attention_layer(name):
     model, new = _pair(name)
     assert isinstance(new, type(model)) and hub.is_multimax(new)
-    assert len(H.modulators(new)) == len(H.attention_layers(model)) >= 2
+    # ALBERT shares one transformer layer between its 2 layers.
+    assert len(H.modulators(new)) == len(H.attention_layers(model)) >= 1
     x = H.inputs(model)
     reference = H.outputs(model, x)
     assert H.rel_diff(H.outputs(new, x), reference) <= TS0_BOUND
@@ -79,17 +80,17 @@ def test_bart_seq2seq_converts_encoder_and_both_decoder_attentions():
 @pytest.mark.parametrize("name", sorted(H.UNREACHABLE))
 def test_out_of_reach_attention_raises_naming_each_layer(name):
     model = H.backbone(name)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match="would silently stay SoftMax") as error:
         to_multimax(model)
     message = str(error.value)
     attention = [
         layer
         for layer in model._flatten_layers(include_self=False)
-        if "attention" in type(layer).__name__.lower()
+        if type(layer).__name__ == H.UNREACHABLE_CLASSES[name]
     ]
-    assert len(attention) == 2
+    assert len(attention) >= 2
     for layer in attention:
-        assert f"{type(layer).__name__} at {layer.path!r}" in message
+        assert f"- {type(layer).__name__} at {layer.path!r}: computes" in message
     assert not H.modulators(model)
 
 

@@ -318,6 +318,26 @@ def _describe(layer) -> str:
     return f"{type(layer).__name__} at {layer.path or layer.name!r}"
 
 
+# Names whose use in a layer's own code means it normalises scores itself.
+_INLINE_SOFTMAX = ("softmax", "dot_product_attention", "scaled_dot_product_attention")
+
+
+@functools.cache
+def _computes_softmax(cls) -> bool:
+    """Whether code of `cls` (outside Keras itself) calls a softmax or a fused
+    attention kernel (``ops.softmax``, ``ops.dot_product_attention``...)."""
+    for klass in cls.__mro__:
+        if klass.__module__.split(".")[0] == "keras":
+            continue
+        for value in vars(klass).values():
+            fn = getattr(value, "__func__", value)
+            if isinstance(fn, types.FunctionType) and _uses_name(
+                fn.__code__, _INLINE_SOFTMAX
+            ):
+                return True
+    return False
+
+
 def find_attention(model):
     """Sorts the attention layers of `model`.
 
@@ -347,13 +367,19 @@ def find_attention(model):
     for layer in model._flatten_layers(include_self=False):
         if "attention" not in type(layer).__name__.lower():
             continue
+        if not _computes_softmax(type(layer)):
+            continue  # e.g. XLNet's attention-mask builder
         if any(layer is r for r in reached) or any(layer is u for u, _ in unreachable):
             continue
         inner = list(layer._flatten_layers(include_self=False))
         if any(sub is r for sub in inner for r in reached):
             continue  # a container of reached attention (e.g. a block)
         unreachable.append(
-            (layer, "computes its attention weights inline (no Softmax sublayer)")
+            (
+                layer,
+                "computes its attention weights inline (ops.softmax or a "
+                "fused dot_product_attention, no Softmax sublayer)",
+            )
         )
     return mha, family, unreachable, converted
 
