@@ -294,3 +294,51 @@ def test_lora_weights_file_carries_the_modulators(tmp_path):
     assert H.rel_diff(H.outputs(other, x), expected) > ACTIVE_BOUND
     other.load_lora_weights(path)
     assert H.rel_diff(H.outputs(other, x), expected) <= TS0_BOUND
+
+
+@pytest.mark.parametrize("num_heads", [None, 2])
+def test_attention_multimax_standard_checks(num_heads):
+    from layer_test_case import run_layer_test
+
+    scores = np.random.default_rng(0).normal(size=(2, 2, 3, 3)).astype("float32")
+    run_layer_test(
+        hub.AttentionMultiMax,
+        {"num_heads": num_heads, "order": 1, "ts_regularizer": "l2"},
+        scores,
+        expected_output_shape=scores.shape,
+        expected_num_trainable_weights=2,
+    )
+
+
+def test_attention_multimax_per_head_matches_the_formula_and_checks_heads():
+    import numpy_reference as ref
+
+    layer = hub.AttentionMultiMax(num_heads=4)
+    scores = np.random.default_rng(0).normal(size=(2, 2, 2, 3, 5)).astype("float32")
+    layer(scores)  # Gemma's layout: (B, kv_heads, groups, T, S)
+    layer.ranges.assign(np.random.default_rng(1).normal(size=(4, 4)))
+    layer.ts.assign(np.random.default_rng(2).uniform(-1, 1, size=(4, 4)))
+    out = _np(layer(scores))
+    flat = scores.reshape(2, 4, 3, 5)
+    for h in range(4):
+        expected = ref.multimax(flat[:, h], _np(layer.ranges)[h], _np(layer.ts)[h])
+        # float32 exp/sum of one formula: a few ulps relative.
+        np.testing.assert_allclose(
+            out.reshape(2, 4, 3, 5)[:, h], expected, rtol=1e-5, atol=1e-6
+        )
+    with pytest.raises(ValueError, match=r"4 per-head modulators.*\(3,\)"):
+        layer(np.zeros((2, 3, 3, 5), "float32"))
+    with pytest.raises(ValueError, match="num_heads=0"):
+        hub.AttentionMultiMax(num_heads=0)
+
+
+def test_bfloat16_backbone_converts():
+    model = keras_hub.models.LlamaBackbone(**H.BACKBONES["llama"][1], dtype="bfloat16")
+    H.randomize(model)
+    new = to_multimax(model)
+    assert new.dtype_policy.name == "bfloat16"
+    assert all(layer.ranges.dtype == "float32" for layer in H.modulators(new))
+    x = H.inputs(model)
+    # Same bfloat16 graph, MultiMax computed in float32 as the Softmax was:
+    # bfloat16 rounding (2^-8) of the few values that differ by a float32 ulp.
+    assert H.rel_diff(H.outputs(new, x), H.outputs(model, x)) <= 2**-7
