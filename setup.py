@@ -19,9 +19,18 @@ EXTRAS = {
     # Runtimes to check exported models (LiteRT interpreter, ONNX), and the
     # offline digits that examples/export.py trains on.
     "export": ["ai-edge-litert", "onnxruntime", "tf2onnx", "onnx", "scikit-learn>=1.3"],
+    # MultiMax in KerasHub models (keras_multimax.hub); the range the
+    # in-place attention conversion was written and tested against.
+    "keras-hub": ["keras-hub>=0.32,<0.33"],
 }
 EXTRAS["test"] = sorted(
-    {"pytest>=7", "ruff>=0.6", *EXTRAS["examples"], *EXTRAS["export"]}
+    {
+        "pytest>=7",
+        "ruff>=0.6",
+        *EXTRAS["examples"],
+        *EXTRAS["export"],
+        *EXTRAS["keras-hub"],
+    }
 )
 
 setup(

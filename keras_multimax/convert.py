@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Any
 
 import keras
@@ -166,10 +168,27 @@ def to_multimax(
     >>> bool(np.allclose(model(x), new(x), atol=1e-6))  # ts = 0: same outputs
     True
 
+    KerasHub models (``keras_hub.models.Backbone`` and ``Task`` subclasses,
+    e.g. ``GPT2CausalLM``, ``LlamaBackbone``, ``BertTextClassifier``,
+    ``ViTImageClassifier``, ``BartSeq2SeqLM``) convert too, also nested in a
+    Functional model: the result is an instance of the registered MultiMax
+    subclass of the model's class (``MultiMaxGPT2CausalLM``), with the same
+    weights and the same preprocessor object, whose ``generate()``,
+    ``call_with_cache``, ``save``, ``save_to_preset`` and ``enable_lora``
+    keep working; see `keras_multimax.hub`. Every attention layer is
+    reached (``MultiHeadAttention`` and its cached subclasses, and the family
+    layers that normalise through a ``keras.layers.Softmax`` sublayer), or a
+    ``ValueError`` names the ones that cannot be.
+
+    `to_multimax` never returns a model without new MultiMax in it: when it
+    finds nothing to convert, or a ``keras.layers.Softmax`` inside a custom
+    layer that it cannot rewrite, it raises a ``ValueError`` that says so.
+
     Args:
         model: A built Functional (`keras.Model(inputs, outputs)`) or
-            `keras.Sequential` model. Subclassed models (a Python ``call``)
-            cannot be rebuilt and raise a ``TypeError``.
+            `keras.Sequential` model, or a KerasHub Backbone or Task.
+            Subclassed models (a Python ``call``) cannot be rebuilt and raise
+            a ``TypeError``; an unbuilt Sequential raises a ``ValueError``.
         replace_softmax: Boolean, also replace ``Softmax`` layers,
             ``Activation("softmax")`` layers and ``Dense`` layers with a
             softmax activation, as described above. Defaults to False.
@@ -212,8 +231,32 @@ def to_multimax(
     }
     # Fail early, before any cloning, on bad modulator arguments.
     MultiMax(**modulator)
+    if _is_keras_hub_model(model):
+        if replace_softmax:
+            raise ValueError(
+                "`replace_softmax=True` applies to the output layers of "
+                "Functional and Sequential models; KerasHub tasks output "
+                "logits. Received: replace_softmax=True for "
+                f"{type(model).__name__} {model.name!r}"
+            )
+        return _hub_to_multimax(model, {**modulator, "per_head": per_head})
     converter = _Converter(modulator, per_head, replace_softmax)
-    return converter.convert_model(model)
+    new_model = converter.convert_model(model)
+    converter.check_converted(model)
+    return new_model
+
+
+def _is_keras_hub_model(model) -> bool:
+    keras_hub = sys.modules.get("keras_hub")
+    if keras_hub is None:  # a KerasHub model implies KerasHub is imported
+        return False
+    return isinstance(model, (keras_hub.models.Backbone, keras_hub.models.Task))
+
+
+def _hub_to_multimax(model, options):
+    from keras_multimax.hub import _models
+
+    return _models.to_multimax(model, options)
 
 
 class _Converter:
@@ -221,10 +264,50 @@ class _Converter:
         self.modulator = modulator
         self.per_head = per_head
         self.replace_softmax = replace_softmax
+        self.converted = 0  # layers that got MultiMax
+        self.unreachable = []  # (layer, the Softmax sublayer inside it)
+
+    def check_converted(self, model):
+        """Raises if the conversion put no MultiMax in, or left some out."""
+        if self.unreachable:
+            found = "\n".join(
+                f"- {layer.name!r} ({type(layer).__name__}) holds the Softmax "
+                f"layer {softmax.name!r}"
+                for layer, softmax in self.unreachable
+            )
+            raise ValueError(
+                "`to_multimax` cannot convert the SoftMax inside these custom "
+                f"layers of model {model.name!r}, which would silently stay "
+                f"SoftMax:\n{found}\nIt rewrites only layers that are nodes "
+                "of a Functional or Sequential model. In that layer's code, "
+                "use `keras_multimax.layers.MultiMax` (same `axis`, "
+                "ts_initializer='zeros' to start as SoftMax) in place of "
+                "`keras.layers.Softmax`, or `keras_multimax.layers."
+                "MultiMaxAttention` in place of the attention."
+            )
+        if not self.converted:
+            what = (
+                "attention layer or softmax output layer"
+                if self.replace_softmax
+                else "MultiHeadAttention or GroupQueryAttention layer (pass "
+                "replace_softmax=True to convert softmax output layers)"
+            )
+            raise ValueError(
+                f"`to_multimax` found nothing to convert in model "
+                f"{model.name!r}: it has no {what}, so the result would be a "
+                "plain copy without MultiMax. Received: model with layers "
+                f"{[layer.name for layer in model.layers]}"
+            )
 
     # -- models --------------------------------------------------------------
 
     def convert_model(self, model):
+        if _is_keras_hub_model(model):
+            # e.g. a KerasHub backbone used as a layer of a Functional model.
+            self.converted += 1
+            return _hub_to_multimax(
+                model, {**self.modulator, "per_head": self.per_head}
+            )
         if isinstance(model, keras.Sequential):
             return self._convert_sequential(model)
         if isinstance(model, Functional):
@@ -277,6 +360,14 @@ class _Converter:
         return new_model
 
     def _convert_sequential(self, model):
+        if not model.built:
+            raise ValueError(
+                f"`to_multimax` needs a built model, but the Sequential model "
+                f"{model.name!r} is not built: its layers have no weights to "
+                "copy yet. Start it with `keras.Input(shape)`, or call "
+                "`model.build(input_shape)` (or the model on a batch) first. "
+                f"Received: model={model.name!r} with built=False"
+            )
         pairs, new_layers = [], []
         taken = {layer.name for layer in model._layers}
         for layer in model.layers:
@@ -318,6 +409,7 @@ class _Converter:
         config = layer.get_config()
         if cls in _ATTENTION_TWINS:
             twin = _ATTENTION_TWINS[cls]
+            self.converted += 1
             return twin.from_config(
                 {**config, **self.modulator, "per_head": self.per_head}
             ), None
@@ -342,6 +434,9 @@ class _Converter:
                 "Sequential model. Build that layer with `keras_multimax."
                 "layers.MultiMaxAttention` (same arguments) instead."
             )
+        softmax = _nested_softmax(layer)
+        if softmax is not None:
+            self.unreachable.append((layer, softmax))
         if self.replace_softmax:
             return self._convert_softmax(layer, config, taken)
         return cls.from_config(config), None
@@ -350,10 +445,13 @@ class _Converter:
         cls = type(layer)
         common = {"dtype": _float_policy(layer.dtype_policy), **self.modulator}
         if cls is keras.layers.Softmax:
+            self.converted += 1
             return MultiMax(axis=layer.axis, name=layer.name, **common), None
         if cls is keras.layers.Activation and _is_softmax(layer.activation):
+            self.converted += 1
             return ActivationMultiMax(name=layer.name, **common), None
         if cls is keras.layers.Dense and _is_softmax(layer.activation):
+            self.converted += 1
             # The activation takes over the Dense layer's name, so that the
             # model's output names (and compiled losses/metrics keyed by
             # them) stay the same; the Dense becomes "<name>_logits".
@@ -382,6 +480,18 @@ def _unique_name(name: str, taken: set) -> str:
 
 def _is_softmax(activation) -> bool:
     return keras.activations.serialize(activation) == "softmax"
+
+
+def _nested_softmax(layer):
+    """A `keras.layers.Softmax` inside `layer`, other than an attention's own."""
+    subs = list(layer._flatten_layers(include_self=False))
+    owned = {
+        id(sub._softmax) for sub in subs if isinstance(sub, tuple(_ATTENTION_TWINS))
+    }
+    for sub in subs:
+        if isinstance(sub, keras.layers.Softmax) and id(sub) not in owned:
+            return sub
+    return None
 
 
 def _nested_attention(layer):
@@ -479,3 +589,9 @@ def _assign_weights(owner, old, new):
             f"{owner.name!r} ({type(owner).__name__}) into its copy: "
             f"{error}.{hint}"
         ) from error
+
+
+if importlib.util.find_spec("keras_hub") is not None:
+    # Registers the MultiMax KerasHub classes, so that saved MultiMax KerasHub
+    # models (.keras files, presets) load after `import keras_multimax`.
+    import keras_multimax.hub  # noqa: E402, F401

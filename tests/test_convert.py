@@ -445,3 +445,51 @@ def test_quantization_that_cannot_be_repeated_says_convert_first(monkeypatch):
         ValueError, match="projection 'query' of layer 'mha'.*Convert before quantizing"
     ):
         convert.to_multimax(model)
+
+
+class _SoftmaxAttention(keras.layers.Layer):
+    """A custom attention layer normalising through a `keras.layers.Softmax`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scores_softmax = keras.layers.Softmax(axis=-1, name="scores_softmax")
+
+    def call(self, x):
+        scores = keras.ops.einsum("btd,bsd->bts", x, x)
+        return keras.ops.einsum("bts,bsd->btd", self.scores_softmax(scores), x)
+
+
+def test_softmax_inside_a_custom_layer_raises_naming_it():
+    # B7: on aba9263 this returned a plain copy without MultiMax, silently.
+    inputs = keras.Input((T, D))
+    h = keras.layers.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)
+    outputs = _SoftmaxAttention(name="custom_attention")(h)
+    model = keras.Model(inputs, outputs)
+    with pytest.raises(
+        ValueError,
+        match=r"'custom_attention' \(_SoftmaxAttention\) holds the Softmax layer "
+        r"'scores_softmax'(.|\n)*keras_multimax.layers.MultiMax",
+    ):
+        convert.to_multimax(model)
+
+
+@pytest.mark.parametrize("replace_softmax", [False, True])
+def test_nothing_to_convert_raises(replace_softmax):
+    # B7: on aba9263 this returned a plain copy without MultiMax, silently.
+    inputs = keras.Input((T, D))
+    h = keras.layers.Dense(D, activation="relu", name="ffn")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(CLASSES, name="logits")(h))
+    with pytest.raises(ValueError, match="found nothing to convert.*'ffn', 'logits'"):
+        convert.to_multimax(model, replace_softmax=replace_softmax)
+    sequential = keras.Sequential([keras.Input((D,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="found nothing to convert"):
+        convert.to_multimax(sequential, replace_softmax=replace_softmax)
+
+
+def test_unbuilt_sequential_raises():
+    # B8: on aba9263 this returned an unbuilt model.
+    model = keras.Sequential(
+        [keras.layers.Embedding(VOCAB, D), keras.layers.MultiHeadAttention(2, 8)]
+    )
+    with pytest.raises(ValueError, match="is not built.*keras.Input.*built=False"):
+        convert.to_multimax(model)
