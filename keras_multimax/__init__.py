@@ -12,6 +12,8 @@
   ``export.export_all``: every deployment format, checked against Keras.
 """
 
+import importlib.util
+
 from keras_multimax import analysis
 from keras_multimax import convert
 from keras_multimax import data
@@ -20,6 +22,11 @@ from keras_multimax import export
 from keras_multimax import layers
 from keras_multimax import models
 from keras_multimax import ops
+
+if importlib.util.find_spec("keras_hub") is not None:
+    # Registers the MultiMax KerasHub classes, so that saved MultiMax KerasHub
+    # models (.keras files, presets) load after `import keras_multimax`.
+    from keras_multimax import hub  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from typing import Any
 
@@ -589,9 +588,3 @@ def _assign_weights(owner, old, new):
             f"{owner.name!r} ({type(owner).__name__}) into its copy: "
             f"{error}.{hint}"
         ) from error
-
-
-if importlib.util.find_spec("keras_hub") is not None:
-    # Registers the MultiMax KerasHub classes, so that saved MultiMax KerasHub
-    # models (.keras files, presets) load after `import keras_multimax`.
-    import keras_multimax.hub  # noqa: E402, F401
