@@ -22,6 +22,8 @@ EXTRAS = {
     # MultiMax in KerasHub models (keras_multimax.hub); the range the
     # in-place attention conversion was written and tested against.
     "keras-hub": ["keras-hub>=0.32,<0.33"],
+    # The documentation site: mkdocs build --strict (mkdocs.yml).
+    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
 }
 EXTRAS["test"] = sorted(
     {

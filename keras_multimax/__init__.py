@@ -4,7 +4,9 @@
   `MultiMaxGroupQueryAttention` (registered serializable).
 - ``ops``: the functions the layers call (`ops.multimax`, `ops.seglu`).
 - ``convert.to_multimax``: swaps MultiMax into an existing Functional or
-  Sequential model.
+  Sequential model, or a KerasHub model; ``hub``: MultiMax KerasHub classes
+  and ``from_preset`` (imported with the package when keras-hub is
+  installed).
 - ``models``: ViT, language-model and translator builders with SoftMax or
   MultiMax; ``data``: their input pipelines; ``analysis``: attention sparsity,
   multi-modality, a parameter logger and plots; ``distribute``: strategy

@@ -80,17 +80,14 @@ def attention_sparsity(
     epsilon: float | None = None,
     scale: float | None = None,
 ) -> float:
-    r"""Sparsity of attention distributions (the paper's Definition 3.2).
+    """Sparsity of attention distributions (the paper's Definition 3.2).
 
     Formula:
 
     For one distribution φ over its ``L`` valid entries,
 
-    $$
-    S(\varphi) = \frac{1}{L} \sum_{l:\ \varphi_l < \epsilon}
-        \exp\Big(\frac{s - \varphi_l}{s} - 1\Big)
-        = \frac{1}{L} \sum_{l:\ \varphi_l < \epsilon} e^{-\varphi_l / s},
-    $$
+        S(φ) = (1/L) · Σ_{l: φ_l < ε} exp((s − φ_l)/s − 1)
+             = (1/L) · Σ_{l: φ_l < ε} exp(−φ_l/s)
 
     averaged over all rows (every query of every head and example). An exact
     zero counts 1, an entry just below ε counts ``exp(-ε/s)``, entries at or
@@ -146,16 +143,13 @@ def attention_sparsity(
 
 
 def attention_multimodality(probs, mask=None, epsilon: float | None = None) -> float:
-    r"""Multi-modality of attention distributions (the paper's Definition 3.3).
+    """Multi-modality of attention distributions (the paper's Definition 3.3).
 
     Formula:
 
     For one distribution φ over its ``N`` valid entries with maximum φ_max,
 
-    $$
-    M(\varphi) = 1 - \frac{1}{N} \sum_{n:\ \epsilon < \varphi_n < \varphi_{\max}}
-        (\varphi_{\max} - \varphi_n),
-    $$
+        M(φ) = 1 − (1/N) · Σ_{n: ε < φ_n < φ_max} (φ_max − φ_n)
 
     averaged over all rows. Entries that are neither negligible (≤ ε) nor
     tied with the maximum pull M down by their gap to the maximum: M is 1

@@ -36,7 +36,7 @@ _PROJECTIONS = (
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
 class ActivationMultiMax(MultiMax):
-    r"""MultiMax over the last axis used as an *activation*: ignores Keras masks.
+    """MultiMax over the last axis used as an *activation*: ignores Keras masks.
 
     `to_multimax(..., replace_softmax=True)` puts this layer where a
     ``Dense(..., activation="softmax")`` or an ``Activation("softmax")`` was.
@@ -46,11 +46,8 @@ class ActivationMultiMax(MultiMax):
 
     Formula:
 
-    $$
-    \sigma(x) = x + \sum_{k=0}^{K-1} t_{2k}\,\mathrm{relu}(r_{2k} - x)^{k+1}
-        + t_{2k+1}\,\mathrm{relu}(x - r_{2k+1})^{k+1},
-    \qquad y = \mathrm{softmax}(\sigma(x))
-    $$
+        σ(x) = x + Σ_k t[2k]·relu(r[2k] − x)^(k+1) + t[2k+1]·relu(x − r[2k+1])^(k+1)
+        y = softmax(σ(x))
 
     over the last axis of ``x``, with ``r`` the weight ``ranges`` and ``t``
     the weight ``ts`` (shape ``(2 * order,)``). With ``ts = 0`` the layer is
@@ -105,7 +102,7 @@ def to_multimax(
     ranges_constraint: Any = None,
     ts_constraint: Any = None,
 ) -> keras.Model:
-    r"""Returns a copy of a Keras model with MultiMax in place of SoftMax attention.
+    """Returns a copy of a Keras model with MultiMax in place of SoftMax attention.
 
     Every `keras.layers.MultiHeadAttention` becomes a
     `keras_multimax.layers.MultiMaxAttention` and every
@@ -135,13 +132,14 @@ def to_multimax(
     repeat raises a ``ValueError`` naming the layer: convert the float model
     first, then quantize the result.
 
-    Formula: each replaced normalisation
-    $\mathrm{softmax}(s)$ becomes $\mathrm{softmax}(\sigma(s))$ with
-    $\sigma(s) = s + \sum_k t_{2k}\,\mathrm{relu}(r_{2k} - s)^{k+1} +
-    t_{2k+1}\,\mathrm{relu}(s - r_{2k+1})^{k+1}$. As ``ts_initializer``
-    defaults to zeros, $\sigma$ starts as the identity: the new model computes
-    what the old one computed (up to float rounding), and fine-tuning moves
-    ``ts`` (then ``ranges``) away from SoftMax. Pass e.g.
+    Formula: each replaced normalisation ``softmax(s)`` becomes
+
+        softmax(σ(s))
+        σ(s) = s + Σ_k t[2k]·relu(r[2k] − s)^(k+1) + t[2k+1]·relu(s − r[2k+1])^(k+1)
+
+    As ``ts_initializer`` defaults to zeros, σ starts as the identity: the new
+    model computes what the old one computed (up to float rounding), and
+    fine-tuning moves ``ts`` (then ``ranges``) away from SoftMax. Pass e.g.
     ``ts_initializer=keras_multimax.layers.multimax.DEFAULT_INITIALIZER`` to
     start from the paper's small random slopes instead.
 

@@ -71,7 +71,7 @@ MODULATOR_ARGUMENTS = (
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
 class AttentionMultiMax(MultiMax):
-    r"""MultiMax in place of the ``keras.layers.Softmax`` of an attention layer.
+    """MultiMax in place of the ``keras.layers.Softmax`` of an attention layer.
 
     `keras_multimax.layers.MultiMax` (masks applied after the modulation,
     ``mask`` passed as the ``Softmax`` would get it), plus optional per-head
@@ -84,11 +84,8 @@ class AttentionMultiMax(MultiMax):
 
     Formula:
 
-    $$
-    \mathrm{MultiMax}(s) = \mathrm{softmax}(\sigma(s)), \qquad
-    \sigma(s) = s + \sum_k t_{2k}\,\mathrm{relu}(r_{2k} - s)^{k+1}
-        + t_{2k+1}\,\mathrm{relu}(s - r_{2k+1})^{k+1}
-    $$
+        MultiMax(s) = softmax(σ(s))
+        σ(s) = s + Σ_k t[2k]·relu(r[2k] − s)^(k+1) + t[2k+1]·relu(s − r[2k+1])^(k+1)
 
     over the last axis of the scores ``s``; with ``ts = 0`` it is the
     ``Softmax`` it replaces, except that a query with no visible key gets

@@ -43,7 +43,8 @@ class MultiMaxBackbone:
             constraints, as in `keras_multimax.convert.to_multimax`). Missing
             options take the conversion defaults (``ts_initializer="zeros"``:
             the model starts as its SoftMax original).
-        *args, **kwargs: The original backbone's arguments.
+        *args: The original backbone's positional arguments.
+        **kwargs: The original backbone's keyword arguments.
     """
 
     def __init__(self, *args, multimax: dict[str, Any] | None = None, **kwargs):

@@ -13,7 +13,7 @@ from keras_multimax.hub._models import is_multimax
 def from_preset(
     preset: str, model_class: Any = None, *, load_weights: bool = True, **kwargs
 ):
-    r"""Loads a KerasHub preset as a MultiMax model.
+    """Loads a KerasHub preset as a MultiMax model.
 
     ``model_class.from_preset(preset, ...)`` (KerasHub's own loader, so any
     preset it reads: a local directory, or a handle KerasHub can download),
@@ -22,12 +22,13 @@ def from_preset(
     comes back as it was saved; giving MultiMax options for it raises a
     ``ValueError``, since they would be ignored.
 
-    Formula: every attention layer computes
-    $\mathrm{softmax}(\sigma(s))$ instead of $\mathrm{softmax}(s)$, with
-    $\sigma(s) = s + \sum_k t_{2k}\,\mathrm{relu}(r_{2k} - s)^{k+1} +
-    t_{2k+1}\,\mathrm{relu}(s - r_{2k+1})^{k+1}$; with the default
-    ``ts_initializer="zeros"`` the loaded model computes what the preset's
-    SoftMax model computes.
+    Formula: every attention layer computes ``softmax(σ(s))`` instead of
+    ``softmax(s)``, with
+
+        σ(s) = s + Σ_k t[2k]·relu(r[2k] − s)^(k+1) + t[2k+1]·relu(s − r[2k+1])^(k+1)
+
+    With the default ``ts_initializer="zeros"`` the loaded model computes what
+    the preset's SoftMax model computes.
 
     Example:
 

@@ -14,20 +14,17 @@ from keras_multimax.layers._modulator import ModulatorParameters
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
 class MultiMax(ModulatorParameters, keras.layers.Layer):
-    r"""MultiMax activation layer: SoftMax of a learned piece-wise modulation.
+    """MultiMax activation layer: SoftMax of a learned piece-wise modulation.
 
     Formula:
 
-    $$
-    \sigma(x) = x + \sum_{k=0}^{K-1} t_{2k}\,\mathrm{relu}(r_{2k} - x)^{k+1}
-        + t_{2k+1}\,\mathrm{relu}(x - r_{2k+1})^{k+1},
-    \qquad \mathrm{MultiMax}(x) = \mathrm{softmax}(\sigma(x))
-    $$
+        σ(x) = x + Σ_k t[2k]·relu(r[2k] − x)^(k+1) + t[2k+1]·relu(x − r[2k+1])^(k+1)
+        MultiMax(x) = softmax(σ(x))
 
-    ``r`` is the weight ``ranges`` (the paper's thresholds ``b``, ``d`` of each
-    order) and ``t`` the weight ``ts`` (their slopes ``t_b``, ``t_d``), both of
-    shape ``(2 * order,)``. With ``ts = 0`` the layer is exactly
-    `keras.layers.Softmax`.
+    summed over k = 0 … K−1 (K = ``order``). ``r`` is the weight ``ranges``
+    (the paper's thresholds ``b``, ``d`` of each order) and ``t`` the weight
+    ``ts`` (their slopes ``t_b``, ``t_d``), both of shape ``(2 * order,)``.
+    With ``ts = 0`` the layer is exactly `keras.layers.Softmax`.
 
     Example:
 

@@ -136,7 +136,7 @@ class AttentionModulator(ModulatorParameters):
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
 class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
-    r"""Multi-head attention whose attention weights are MultiMax, not SoftMax.
+    """Multi-head attention whose attention weights are MultiMax, not SoftMax.
 
     A drop-in `keras.layers.MultiHeadAttention`: same arguments, same weights
     (plus ``ranges`` and ``ts``), same call signature. Every call path (with or
@@ -147,19 +147,14 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
 
     Formula:
 
-    $$
-    \mathrm{Attention}(Q, K, V) = \mathrm{MultiMax}\!\left(
-        \frac{Q K^\top}{\sqrt{d_k}}\right) V,
-    \qquad \mathrm{MultiMax}(s) = \mathrm{softmax}(\sigma(s))
-    $$
+        Attention(Q, K, V) = MultiMax(Q·Kᵀ / √d_k)·V
+        MultiMax(s) = softmax(σ(s))
+        σ(s) = s + Σ_k t[2k]·relu(r[2k] − s)^(k+1) + t[2k+1]·relu(s − r[2k+1])^(k+1)
 
-    with the piece-wise modulator
-    $\sigma(s) = s + \sum_k t_{2k}\,\mathrm{relu}(r_{2k} - s)^{k+1}
-    + t_{2k+1}\,\mathrm{relu}(s - r_{2k+1})^{k+1}$, ``r`` the weight
-    ``ranges`` and ``t`` the weight ``ts``. Masked keys are removed *after* the
-    modulation: they get exactly zero weight whatever the sign of ``ts``, and a
-    query with no visible key attends to nothing (its weights are all zero;
-    SoftMax attention would spread them uniformly). With ``ts = 0`` the layer
+    with ``r`` the weight ``ranges`` and ``t`` the weight ``ts``. Masked keys
+    are removed *after* the modulation: they get exactly zero weight whatever
+    the sign of ``ts``, and a query with no visible key attends to nothing (its
+    weights are all zero; SoftMax attention would spread them uniformly). With ``ts = 0`` the layer
     computes exactly `keras.layers.MultiHeadAttention`, except for queries that
     see no key (all-zero weights here, uniform in SoftMax).
 

@@ -15,7 +15,7 @@ __all__ = ["MultiMaxGroupQueryAttention"]
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
 class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAttention):
-    r"""Grouped-query attention whose attention weights are MultiMax, not SoftMax.
+    """Grouped-query attention whose attention weights are MultiMax, not SoftMax.
 
     A drop-in `keras.layers.GroupQueryAttention` (Ainslie et al., 2023): same
     arguments, same weights (plus ``ranges`` and ``ts``), same call signature.
@@ -26,11 +26,8 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
 
     Formula:
 
-    $$
-    \mathrm{Attention}(Q, K, V) = \mathrm{MultiMax}\!\left(
-        \frac{Q K^\top}{\sqrt{d_h}}\right) V,
-    \qquad \mathrm{MultiMax}(s) = \mathrm{softmax}(\sigma(s))
-    $$
+        Attention(Q, K, V) = MultiMax(Q·Kᵀ / √d_h)·V
+        MultiMax(s) = softmax(σ(s))
 
     where each group of ``num_query_heads / num_key_value_heads`` query heads
     shares one key/value head, and σ is the piece-wise modulator with the

@@ -13,14 +13,14 @@ from keras_multimax.layers._modulator import ModulatorParameters
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
 class SegLU(ModulatorParameters, keras.layers.Layer):
-    r"""The MultiMax modulator σ as a layer, for logits of a `from_logits` loss.
+    """The MultiMax modulator σ as a layer, for logits of a `from_logits` loss.
 
     Formula:
 
-    $$
-    \sigma(x) = x + \sum_{k=0}^{K-1} t_{2k}\,\mathrm{relu}(r_{2k} - x)^{k+1}
-        + t_{2k+1}\,\mathrm{relu}(x - r_{2k+1})^{k+1}
-    $$
+        σ(x) = x + Σ_k t[2k]·relu(r[2k] − x)^(k+1) + t[2k+1]·relu(x − r[2k+1])^(k+1)
+
+    summed over k = 0 … K−1 (K = ``order``), with ``r`` the weight ``ranges``
+    and ``t`` the weight ``ts``, both of shape ``(2 * order,)``.
 
     ``softmax(SegLU()(x))`` is ``MultiMax()(x)``: put `SegLU` last and train
     with e.g. ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``,
