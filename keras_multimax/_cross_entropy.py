@@ -59,7 +59,8 @@ def _float(x, name: str):
     return x
 
 
-def _int_option(value, name: str, minimum: int | None):
+def int_option(value, name: str, minimum: int | None):
+    """``value`` as an int (>= ``minimum``) or None; raises naming ``name``."""
     if value is None:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
@@ -190,8 +191,8 @@ def multimax_cross_entropy(
             f"`labels` must be an integer tensor of token ids. "
             f"Received: labels.dtype={label_dtype}"
         )
-    chunk_size = _int_option(chunk_size, "chunk_size", 1)
-    ignore_index = _int_option(ignore_index, "ignore_index", None)
+    chunk_size = int_option(chunk_size, "chunk_size", 1)
+    ignore_index = int_option(ignore_index, "ignore_index", None)
 
     h_shape = tuple(hidden.shape)
     k_shape = tuple(kernel.shape)

@@ -41,7 +41,12 @@ def _chunk_forward(z, target, ranges, ts):
 
 
 def _chunk_backward(z, lse, g, target, ranges, ts):
-    """∂L/∂z of the chunk, its column sums (∂L/∂bias) and the 4K parameter sums."""
+    """∂L/∂z of the chunk, its column sums (∂L/∂bias) and the 4K parameter sums per token.
+
+    Sums per token (``(4K, tokens)``, added up by the caller) rather than to
+    scalars: XLA on CPU runs a reduction to a scalar on one thread, and row
+    sums were 30-45 % faster for the whole kernel at [4096, 1024].
+    """
     r = _formula.split_parameters(ranges)
     t = _formula.split_parameters(ts)
     s = _formula.modulate(z, r, t)
@@ -49,7 +54,7 @@ def _chunk_backward(z, lse, g, target, ranges, ts):
     ds = g[:, None] * (p - _hits(z, target).astype(z.dtype))
     d_z, ranges_factors, ts_factors = _formula.partials(z, r, t)
     dz = ds * d_z
-    sums = jnp.stack([jnp.sum(ds * f) for f in ranges_factors + ts_factors])
+    sums = jnp.stack([jnp.sum(ds * f, axis=1) for f in ranges_factors + ts_factors])
     return dz, jnp.sum(dz, axis=0), sums
 
 
@@ -123,7 +128,7 @@ def _backward(upstream, lse, h, w, b, r, t, labels, chunk, ignore_index):
         dw = (hc.T @ dz).astype(w.dtype)
         return (d_hidden, sums + s), (dw, db)
 
-    carry = (jnp.zeros_like(hc), jnp.zeros((4 * order,), compute))
+    carry = (jnp.zeros_like(hc), jnp.zeros((4 * order, hc.shape[0]), compute))
     kernel_parts, bias_parts = [], []
     full = vocab // chunk
     if full:
@@ -136,7 +141,7 @@ def _backward(upstream, lse, h, w, b, r, t, labels, chunk, ignore_index):
         carry, (dw, db) = step(carry, full * chunk, vocab % chunk)
         kernel_parts.append(dw)
         bias_parts.append(db)
-    d_hidden, sums = carry
+    d_hidden, sums = carry[0], jnp.sum(carry[1], axis=1)
     n = 2 * order
     scale = jnp.asarray(_formula.range_scale(order), compute)
     # ∂σ/∂b = (k+1)·t_b·lo^k is exactly 0 where t_b = 0.

@@ -65,7 +65,12 @@ def _chunk_forward(z, target, ranges, ts):
 
 @_kernel
 def _chunk_backward(z, lse, g, target, ranges, ts):
-    """∂L/∂z of the chunk, its column sums (∂L/∂bias) and the 4K parameter sums."""
+    """∂L/∂z of the chunk, its column sums (∂L/∂bias) and the 4K parameter sums per token.
+
+    Sums per token (``(4K, tokens)``, added up by the caller) rather than to
+    scalars: XLA on CPU runs a reduction to a scalar on one thread, and row
+    sums were 30-45 % faster for the whole kernel at [4096, 1024].
+    """
     r = _formula.split_parameters(ranges)
     t = _formula.split_parameters(ts)
     s = _formula.modulate(z, r, t)
@@ -73,7 +78,9 @@ def _chunk_backward(z, lse, g, target, ranges, ts):
     ds = g[:, None] * (p - tf.cast(_hits(z, target), z.dtype))
     d_z, ranges_factors, ts_factors = _formula.partials(z, r, t)
     dz = ds * d_z
-    sums = tf.stack([tf.reduce_sum(ds * f) for f in ranges_factors + ts_factors])
+    sums = tf.stack(
+        [tf.reduce_sum(ds * f, axis=1) for f in ranges_factors + ts_factors]
+    )
     return dz, tf.reduce_sum(dz, axis=0), sums
 
 
@@ -188,9 +195,11 @@ def multimax_cross_entropy(
             if b is not None
             else tf.zeros([0])
         )
-        init = (tf.zeros_like(hc), tf.zeros([4 * order], compute), slots, bias_slots)
+        tokens = tf.shape(hc)[0]
+        per_token = tf.zeros([4 * order, tokens], compute)
+        init = (tf.zeros_like(hc), per_token, slots, bias_slots)
         state = _over_chunks(step, init, vocab, chunk)
-        d_hidden, sums = state[0], state[1]
+        d_hidden, sums = state[0], tf.reduce_sum(state[1], axis=1)
         kernel_parts, bias_parts = [], []
         d_kernel, d_bias = state[2], state[3]
         if vocab % chunk:
