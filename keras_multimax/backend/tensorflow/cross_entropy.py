@@ -16,6 +16,20 @@ saved logsumexp and turns them into the chunk's gradients at once:
 ``∂L/∂hidden`` is summed over the chunks, ``∂L/∂kernel`` and ``∂L/∂bias`` are
 written chunk by chunk, ``∂L/∂ranges``/``∂L/∂ts`` are sums over every logit.
 
+Why recompute rather than compute the gradients in the forward (Liger's
+fused linear cross-entropy): the output is a per-token loss, whose upstream
+gradient (sample weights, masks, a sum or a mean) is only known in the
+backward, and ``∂L/∂kernel = Σ_tokens g·hiddenᵀ·∂ℓ/∂z`` needs it inside the
+sum. Liger's trick also needs the logsumexp of a token before its gradient,
+i.e. the whole vocabulary of a token chunk at once ([tokens_chunk,
+vocab_size] buffers), not vocabulary chunks. What it would save is the
+forward's share of the work: at [4096 tokens, 256, chunk 1024] one chunk's
+forward (its matrix product, 11 ms, and the forward kernel, 5.5 ms) against
+its backward (recomputed product, backward kernel of 25-30 ms, two products
+of 11 ms), about 22 % of the step, measured on 2 shared cores. The
+per-token contract with any upstream was kept; see benchmarks/README.md for
+the step against the unfused head.
+
 The chunks run one after another in a `tf.while_loop` with
 ``parallel_iterations=1``: TensorFlow's executor would otherwise start the
 matrix products of independent chunks together and hold all their buffers.
