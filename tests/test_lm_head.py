@@ -197,7 +197,36 @@ def test_bench_lm_head_quick(tmp_path):
         timeout=900,
     )
     (record,) = json.loads(output.read_text())["results"]
-    assert set(record["peak_above_idle_mib"]) == {"unfused", "fused"}
-    assert record["idle_max_rss_mib"] > 0
+    assert set(record["step_peak_above_start_mib"]) == {"unfused", "fused"}
+    assert record["idle"]["max_rss_mib"] > 0
     for variant in ("unfused", "fused"):
         assert record["timing"][variant]["wall_ms"] > 0
+
+
+def test_transformer_lm_fused_head_trains_as_the_unfused_model():
+    from keras_multimax import models
+
+    tiny = dict(num_layers=1, hidden_dim=8, num_heads=2, mlp_dim=8)
+    fused = models.TransformerLM(20, 8, fused_head=True, **tiny)
+    plain = models.TransformerLM(20, 8, **tiny)
+    fused_weights = {w.path: w for w in fused.weights}
+    for w in plain.weights:  # head_dense/{kernel,bias}, head_seglu/{ranges,ts}
+        path = w.path.replace("head_dense/", "head/").replace("head_seglu/", "head/")
+        fused_weights.pop(path).assign(w)
+    assert not fused_weights  # the same weights under other names
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, (4, 8)).astype("int32")
+    y = rng.integers(0, 20, (4, 8)).astype("int32")
+    _assert_close(fused.predict(x, verbose=0), plain.predict(x, verbose=0), "logits")
+    fused.compile()
+    plain.compile(metrics=[])
+    got = fused.fit(x, y, epochs=3, verbose=0).history["loss"]
+    want = plain.fit(x, y, epochs=3, verbose=0).history["loss"]
+    # Three AdamW steps: the float32 round-off of the two losses' gradients.
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got[-1] < got[0]
+    config = fused.get_config()
+    assert config["fused_head"] is True
+    assert models.TransformerLM.from_config(config).get_config() == config
+    with pytest.raises(ValueError, match="Received: head='softmax'"):
+        models.TransformerLM(20, 8, head="softmax", fused_head=True, **tiny)
