@@ -187,6 +187,7 @@ def test_bench_lm_head_quick(tmp_path):
             sys.executable,
             str(BENCHMARKS / "bench_lm_head.py"),
             "--quick",
+            "--lm",
             "--runs",
             "2",
             "--output",
@@ -196,11 +197,15 @@ def test_bench_lm_head_quick(tmp_path):
         capture_output=True,
         timeout=900,
     )
-    (record,) = json.loads(output.read_text())["results"]
-    assert set(record["step_peak_above_start_mib"]) == {"unfused", "fused"}
-    assert record["idle"]["max_rss_mib"] > 0
-    for variant in ("unfused", "fused"):
-        assert record["timing"][variant]["wall_ms"] > 0
+    head, lm = json.loads(output.read_text())["results"]
+    assert head["shape"] == [512, 64, 4096]
+    assert lm["transformer_lm"] == [2, 64, 64, 4096]
+    for record in (head, lm):
+        assert set(record["step_peak_above_start_mib"]) == {"unfused", "fused"}
+        assert record["idle"]["max_rss_mib"] > 0
+        for variant in ("unfused", "fused"):
+            assert record["memory"][variant]["step_peak_above_start_mib"] > 0
+            assert record["timing"][variant]["wall_ms"] > 0
 
 
 def test_transformer_lm_fused_head_trains_as_the_unfused_model():
