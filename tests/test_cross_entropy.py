@@ -401,7 +401,16 @@ def _jax_check():
     import jax
     import jax.numpy as jnp
 
+    # float64 for the comparison, restored after it (tests share the process).
+    x64 = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
+    try:
+        return _jax_compare(jax, jnp)
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+
+
+def _jax_compare(jax, jnp):
     hidden, kernel, bias, labels, ranges, ts, upstream = _problem((2, 5), 23, ignore=-7)
     keep = labels != -7
 
