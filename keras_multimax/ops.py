@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_multimax import _formula
+from keras_multimax._cross_entropy import multimax_cross_entropy
 
 try:  # Whether a gradient tape is recording (see "Export" below).
     from tensorflow.python.eager.record import (
@@ -34,7 +35,7 @@ except ImportError:  # pragma: no cover - private API moved: fuse graphs only
 
 TensorLike = tf.types.experimental.TensorLike
 
-__all__ = ["multimax", "plain_ops", "seglu"]
+__all__ = ["multimax", "multimax_cross_entropy", "plain_ops", "seglu"]
 
 # Inputs in these dtypes are computed in float32 and returned in their own
 # dtype: order-2 squares of |x| > 256 overflow float16.

@@ -71,6 +71,7 @@ CONFIGS = {
     "multimax-per-head": {"per_head": True},
     "multimax-order-1": {"order": 1},
     "multimax-order-3": {"order": 3, "head": "softmax"},
+    "multimax-fused-head": {"fused_head": True},  # MultiMaxLMHead gives the logits
     "softmax": {"attention": "softmax", "head": "softmax"},
 }
 

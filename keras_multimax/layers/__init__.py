@@ -5,6 +5,13 @@ from keras_multimax.layers.multimax_attention import MultiMaxAttention
 from keras_multimax.layers.multimax_group_query_attention import (
     MultiMaxGroupQueryAttention,
 )
+from keras_multimax.layers.multimax_lm_head import MultiMaxLMHead
 from keras_multimax.layers.seglu import SegLU
 
-__all__ = ["MultiMax", "MultiMaxAttention", "MultiMaxGroupQueryAttention", "SegLU"]
+__all__ = [
+    "MultiMax",
+    "MultiMaxAttention",
+    "MultiMaxGroupQueryAttention",
+    "MultiMaxLMHead",
+    "SegLU",
+]

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
+from keras_multimax.layers.multimax_lm_head import MultiMaxLMHead
 from keras_multimax.models import _blocks
 
 
@@ -21,6 +22,15 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
     LayerNormalization and a linear output layer, followed by a `SegLU`
     modulator when ``head="multimax"``. Outputs are next-token **logits** of
     shape ``(batch, length, vocab_size)``.
+
+    With ``fused_head=True`` the head is one `layers.MultiMaxLMHead` (the
+    same function) and ``fit`` trains on its fused loss: `compute_loss`
+    runs the decoder to the hidden states and calls the head with the
+    labels, so the training step never holds the ``(batch, length,
+    vocab_size)`` logits (`ops.multimax_cross_entropy`). The logits the
+    model outputs are then unused in a compiled training step and pruned,
+    as long as no metric reads them: ``compile`` defaults to no metrics for
+    this model, and its ``loss`` argument is not used.
 
     Example:
 
@@ -40,6 +50,8 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
         dropout: Dropout rate.
         attention: ``"multimax"`` or ``"softmax"``.
         head: ``"multimax"`` (SegLU on the logits) or ``"softmax"``.
+        fused_head: Train the MultiMax head with the fused loss (needs
+            ``head="multimax"``).
         order: Order of the MultiMax modulators.
         per_head: One modulator per attention head.
         ranges_initializer: Initializer of every ``ranges``.
@@ -66,6 +78,7 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
         per_head: bool = False,
         ranges_initializer: Any = DEFAULT_INITIALIZER,
         ts_initializer: Any = DEFAULT_INITIALIZER,
+        fused_head: bool = False,
         **kwargs,
     ):
         for name, value in (
@@ -85,6 +98,11 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
         dropout = _blocks.validate_rate("dropout", dropout)
         _blocks.validate_choice("attention", attention, _blocks.ATTENTIONS)
         _blocks.validate_choice("head", head, _blocks.HEADS)
+        if fused_head and head != "multimax":
+            raise ValueError(
+                "`fused_head=True` trains the MultiMax head with its fused loss "
+                f"and needs head='multimax'. Received: head={head!r}"
+            )
         modulator = _blocks.modulator_kwargs(
             order, per_head, ranges_initializer, ts_initializer
         )
@@ -111,7 +129,18 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
         self.final_norm = keras.layers.LayerNormalization(
             epsilon=1e-6, name="final_norm"
         )
-        self.head_layers = _blocks.make_head(head, vocab_size, modulator, "head")
+        if fused_head:
+            self.head_layers = [
+                MultiMaxLMHead(
+                    vocab_size,
+                    order=order,
+                    ranges_initializer=ranges_initializer,
+                    ts_initializer=ts_initializer,
+                    name="head",
+                )
+            ]
+        else:
+            self.head_layers = _blocks.make_head(head, vocab_size, modulator, "head")
 
         # === Functional model ===
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
@@ -134,8 +163,17 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
         self.ts_initializer = ts_initializer
         # Compiled decoding loops of `generate`, one per option set.
         self._generate_functions = {}
+        self.fused_head = bool(fused_head)
+        if fused_head:
+            self._default_metrics = ()  # a metric on the logits would compute them
 
     def _forward(self, token_ids, scores=None, training=None):
+        x = self._hidden_states(token_ids, scores, training)
+        for layer in self.head_layers:
+            x = layer(x)
+        return x
+
+    def _hidden_states(self, token_ids, scores=None, training=None):
         x = self.position_embedding(self.token_embedding(token_ids))
         for block in self.blocks:
             if scores is None:
@@ -148,10 +186,31 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
                     training=training,
                 )
                 scores[f"{block.name}/self_attention"] = s["self_attention"]
-        x = self.final_norm(x)
-        for layer in self.head_layers:
-            x = layer(x)
-        return x
+        return self.final_norm(x)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        """The compiled loss, or with ``fused_head`` the head's fused loss.
+
+        Fused: the mean over the tokens of `layers.MultiMaxLMHead`'s loss of
+        the hidden states for ``x`` and the labels ``y`` (weighted by
+        ``sample_weight`` as Keras' ``"sum_over_batch_size"``), plus the
+        layers' regularization losses; ``y_pred`` is not used.
+        """
+        if not self.fused_head:
+            return super().compute_loss(x, y, y_pred, sample_weight, training)
+        hidden = self._hidden_states(x, training=training)
+        per_token = self.head_layers[0](hidden, labels=y)
+        if sample_weight is not None:
+            weight = keras.ops.cast(sample_weight, per_token.dtype)
+            for _ in range(len(per_token.shape) - len(weight.shape)):
+                weight = keras.ops.expand_dims(weight, -1)
+            per_token = per_token * weight
+        loss = keras.ops.mean(per_token)
+        if self.losses:
+            loss = loss + keras.ops.sum(self.losses)
+        return loss
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """Logits of new tokens, reading and updating a key/value cache.
@@ -493,6 +552,7 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
                 self.ranges_initializer
             ),
             "ts_initializer": _blocks.serialize_initializer(self.ts_initializer),
+            "fused_head": self.fused_head,
         }
 
     @classmethod

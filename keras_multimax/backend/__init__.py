@@ -1,0 +1,1 @@
+"""Backend implementations of keras_multimax.ops (one folder per Keras backend)."""

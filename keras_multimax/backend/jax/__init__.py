@@ -1,0 +1,1 @@
+"""The JAX implementations of keras_multimax.ops."""

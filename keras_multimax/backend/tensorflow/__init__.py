@@ -1,0 +1,1 @@
+"""The TensorFlow implementations of keras_multimax.ops."""
