@@ -1,0 +1,1 @@
+"""keras_multimax on the TensorFlow backend."""
