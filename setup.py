@@ -19,9 +19,11 @@ EXTRAS = {
     # Runtimes to check exported models (LiteRT interpreter, ONNX), and the
     # offline digits that examples/export.py trains on.
     "export": ["ai-edge-litert", "onnxruntime", "tf2onnx", "onnx", "scikit-learn>=1.3"],
+    # Keras' JAX backend (KERAS_BACKEND=jax), CPU wheels.
+    "jax": ["jax[cpu]>=0.10"],
 }
 EXTRAS["test"] = sorted(
-    {"pytest>=7", "ruff>=0.6", *EXTRAS["examples"], *EXTRAS["export"]}
+    {"pytest>=7", "ruff>=0.6", *EXTRAS["examples"], *EXTRAS["export"], *EXTRAS["jax"]}
 )
 
 setup(

@@ -8,7 +8,8 @@ of Keras' current backend. PyTorch is not supported.
 from __future__ import annotations
 
 import importlib
-import sys
+import json
+import os
 from types import ModuleType
 
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
@@ -23,14 +24,29 @@ def _unsupported(name: str) -> ImportError:
     )
 
 
+def _requested_backend() -> str | None:
+    """The backend Keras is asked for, read as Keras reads it, without Keras.
+
+    ``KERAS_BACKEND``, else the ``backend`` of ``$KERAS_HOME/keras.json``
+    (default ``~/.keras``); None if neither says.
+    """
+    if "KERAS_BACKEND" in os.environ:
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend")
+    except (OSError, ValueError):
+        return None
+
+
 try:
     import keras
 except ImportError as error:
     # Keras imports its backend's framework when it is imported (torch for
     # KERAS_BACKEND=torch): if that is a backend we do not support anyway,
     # say so instead of naming the missing framework.
-    _config = sys.modules.get("keras.src.backend.config")
-    _requested = _config.backend() if _config is not None else None
+    _requested = _requested_backend()
     if _requested is not None and _requested not in SUPPORTED_BACKENDS:
         raise _unsupported(_requested) from error
     raise
