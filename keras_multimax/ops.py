@@ -42,7 +42,9 @@ def _rank(t) -> int | None:
 
 
 def _dims(t) -> tuple:
-    return tuple(None if d is None else int(d) for d in t.shape)
+    """Static dimensions; None where unknown (TensorFlow's None, and JAX's
+    symbolic dimensions when `jax.export` traces for a polymorphic batch)."""
+    return tuple(d if isinstance(d, (int, np.integer)) else None for d in t.shape)
 
 
 def _dtype_name(dtype) -> str:
