@@ -22,6 +22,8 @@ EXTRAS = {
     # MultiMax in KerasHub models (keras_multimax.hub); the range the
     # in-place attention conversion was written and tested against.
     "keras-hub": ["keras-hub>=0.32,<0.33"],
+    # Keras' JAX backend (KERAS_BACKEND=jax), CPU wheels.
+    "jax": ["jax[cpu]>=0.10"],
     # The documentation site: mkdocs build --strict (mkdocs.yml).
     "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
 }
@@ -32,6 +34,7 @@ EXTRAS["test"] = sorted(
         *EXTRAS["examples"],
         *EXTRAS["export"],
         *EXTRAS["keras-hub"],
+        *EXTRAS["jax"],
     }
 )
 
@@ -40,7 +43,7 @@ setup(
     version=VERSION,
     description=(
         "MultiMax: sparse and multi-modal attention (ICML 2024) for Keras 3 "
-        "with the TensorFlow backend."
+        "with the TensorFlow and JAX backends."
     ),
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",

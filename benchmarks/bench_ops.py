@@ -36,10 +36,11 @@ SHAPES = {
     "small": (256, 10),  # a 10-class output layer
 }
 MODES = ("eager", "graph", "xla")
-# "forward" is inference (no gradient tape; the default fused forward);
+# "forward" is inference (no gradient tape: plain ops by default since issue
+# 13, the fused kernel after `keras_multimax.config.enable_fused_forward()`);
 # "forward (plain ops)" is the forward that exported graphs hold (traced inside
-# `ops.plain_ops()`); "forward (tape)" is the forward of a training step,
-# recorded by a tape without computing gradients.
+# `ops.plain_ops()`); "forward (tape)" is the forward of a training step (the
+# fused kernel), recorded by a tape without computing gradients.
 PASSES = ("forward", "forward (plain ops)", "forward (tape)", "forward+backward")
 # Active modulator: thresholds at ±1 (order 1) and ±2 (order 2), slopes > 0.
 RANGES = np.array([-1.0, 1.0, -2.0, 2.0], "float32")

@@ -11,12 +11,20 @@
   MultiMax; ``data``: their input pipelines; ``analysis``: attention sparsity,
   multi-modality, a parameter logger and plots; ``distribute``: strategy
   choice (TPU > workers > GPUs > CPU) that works with Keras' ``fit``;
-  ``export.export_all``: every deployment format, checked against Keras.
+  ``export.export_all``: every deployment format, checked against Keras;
+  ``config``: global switches (the fused TensorFlow forward).
+
+Backends: TensorFlow and JAX (``keras_multimax/backend/<name>/``).
 """
 
 import importlib.util
 
+# First: an unsupported Keras backend (e.g. torch) is named before any import
+# of it fails.
+from keras_multimax import backend  # noqa: F401  # isort: skip
+
 from keras_multimax import analysis
+from keras_multimax import config
 from keras_multimax import convert
 from keras_multimax import data
 from keras_multimax import distribute
@@ -35,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "analysis",
+    "config",
     "convert",
     "data",
     "distribute",

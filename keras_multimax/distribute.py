@@ -1,4 +1,8 @@
-"""Picking a `tf.distribute.Strategy` for MultiMax models: TPU > GPUs > CPU."""
+"""Picking how to distribute MultiMax models: TPU > GPUs > CPU.
+
+On TensorFlow, a `tf.distribute.Strategy` (`choose_strategy`); on JAX, a
+`keras.distribution.Distribution` (`choose_distribution`).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,15 @@ import glob
 import json
 import os
 
+import keras
 import tensorflow as tf
 
-__all__ = ["choose_strategy", "multi_worker_strategy", "tpu_reachable"]
+__all__ = [
+    "choose_distribution",
+    "choose_strategy",
+    "multi_worker_strategy",
+    "tpu_reachable",
+]
 
 _PREFERENCES = ("auto", "tpu", "multi_worker", "gpus", "cpu")
 
@@ -184,6 +194,13 @@ def choose_strategy(
             f"`preference` must be one of {_PREFERENCES}. "
             f"Received: preference={preference!r}"
         )
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "`choose_strategy` returns a `tf.distribute.Strategy`, which only "
+            "Keras' TensorFlow backend uses. On this backend use "
+            "`keras.distribution.set_distribution(choose_distribution())`. "
+            f"Received: backend={keras.backend.backend()!r}"
+        )
     # `MultiWorkerMirroredStrategy` must be created before TensorFlow's
     # runtime starts (listing devices starts it): in "auto" mode only the
     # cheap TPU checks may run before the TF_CONFIG check.
@@ -214,3 +231,56 @@ def choose_strategy(
     if preference == "cpu":
         return tf.distribute.OneDeviceStrategy("/cpu:0")
     return tf.distribute.get_strategy()
+
+
+_JAX_PLATFORMS = {"tpu": "tpu", "gpus": "gpu", "cpu": "cpu"}
+
+
+def choose_distribution(preference: str = "auto") -> keras.distribution.DataParallel:
+    """Returns data parallelism over the best devices, for Keras' JAX backend.
+
+    With ``preference="auto"`` the devices are those of JAX's default
+    platform, which JAX picks as TPU > GPU > CPU; ``"tpu"``, ``"gpus"`` or
+    ``"cpu"`` ask for one platform. Every visible device of the platform
+    (all hosts of a multi-host TPU slice, once `jax.distributed` is
+    initialised) gets a replica. Use it before building the model; for
+    sharded weights build a `keras.distribution.ModelParallel` instead.
+
+    Example:
+
+    >>> import keras
+    >>> if keras.backend.backend() == "jax":
+    ...     keras.distribution.set_distribution(choose_distribution("cpu"))
+
+    Args:
+        preference: One of ``"auto"``, ``"tpu"``, ``"gpus"`` or ``"cpu"``. A
+            platform with no device raises `RuntimeError`.
+
+    Returns:
+        A `keras.distribution.DataParallel`; pass it to
+        `keras.distribution.set_distribution`.
+    """
+    choices = ("auto", *_JAX_PLATFORMS)
+    if preference not in choices:
+        raise ValueError(
+            f"`preference` must be one of {choices}. Received: preference={preference!r}"
+        )
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(
+            "`choose_distribution` is for Keras' JAX backend; on TensorFlow "
+            "use `choose_strategy()` and build the model in its `scope()`. "
+            f"Received: backend={keras.backend.backend()!r}"
+        )
+    import jax
+
+    if preference == "auto":
+        devices = jax.devices()
+    else:
+        try:
+            devices = jax.devices(_JAX_PLATFORMS[preference])
+        except RuntimeError as e:  # JAX's error for a platform it lacks
+            raise RuntimeError(
+                f"`preference={preference!r}` but JAX finds no such device: {e}"
+            ) from e
+    names = [f"{d.platform}:{d.id}" for d in devices]
+    return keras.distribution.DataParallel(devices=names)

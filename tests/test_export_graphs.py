@@ -1,18 +1,19 @@
 """Exported graphs hold the plain-op forward, never the fused XLA kernel.
 
-By default the forward of `ops.multimax`/`ops.seglu` is a nested
-``tf.function(jit_compile=True)``. tf2onnx cannot convert a call to such a
-function and a SavedModel server without XLA's CPU JIT cannot run it, so every
-export path must trace plain ops instead (`ops.plain_ops`, entered
-automatically under the exporters listed in `ops._EXPORTER_MODULES`). Each test
-walks the functions reachable from the exported forward graph and looks for
-the ``_XlaMustCompile`` mark; a positive control shows the walk finds the
-kernel in a graph traced the default way.
+The TensorFlow forward of `ops.multimax`/`ops.seglu` is a nested
+``tf.function(jit_compile=True)`` in training steps (under a gradient tape)
+and, after `keras_multimax.config.enable_fused_forward()`, everywhere.
+tf2onnx cannot convert a call to such a function and a SavedModel server
+without XLA's CPU JIT cannot run it, so every export path must trace plain
+ops with no action from the user: the exporters trace without a tape, and
+`ops.plain_ops` keeps the kernel out even with the switch on. Each test walks
+the functions reachable from the exported forward graph and looks for the
+``_XlaMustCompile`` mark; positive controls show the walk finds the kernel in
+a graph traced under a tape or with the switch on.
 """
 
 import inspect
 import pathlib
-import textwrap
 
 import keras
 import numpy as np
@@ -28,7 +29,9 @@ from export_models import sample_inputs
 from tolerances import assert_close
 from tolerances import assert_defect_caught
 
+from keras_multimax import config
 from keras_multimax import ops
+from keras_multimax.backend.tensorflow import multimax as tf_multimax
 
 # Bounds in float32 eps · max(largest |output|, 1), see tests/tolerances.py:
 # the floor keeps probabilities absolute. Measured 1.8 (attention SavedModel)
@@ -78,21 +81,38 @@ def call(model):
     return fn
 
 
+def graph_kernels(model, under_tape=False) -> set:
+    """XLA kernels of a freshly traced forward of `model`."""
+
+    def fn(*inputs):
+        if not under_tape:
+            return call(model)(*inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            return call(model)(*inputs)
+
+    traced = tf.function(fn, input_signature=input_signature(model))
+    return xla_kernels(traced.get_concrete_function().graph.as_graph_def())
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_default_graphs_use_the_kernel_and_plain_ops_does_not(name):
-    """Positive control: the walk finds the kernel where it is."""
+def test_kernel_only_under_a_tape_or_the_switch_and_never_in_plain_ops(name):
+    """The rule, with positive controls: the walk finds the kernel where it is."""
     model = build_model(name)
-    fn = tf.function(call(model), input_signature=input_signature(model))
-    assert xla_kernels(fn.get_concrete_function().graph.as_graph_def())
+    assert not graph_kernels(model)  # inference: plain ops by default
+    assert graph_kernels(model, under_tape=True)  # a training step: the kernel
     with ops.plain_ops():
-        plain = tf.function(call(model), input_signature=input_signature(model))
-        graph_def = plain.get_concrete_function().graph.as_graph_def()
-    assert not xla_kernels(graph_def)
-    # Nested and re-entered contexts restore the default on exit.
-    with ops.plain_ops(), ops.plain_ops():
-        pass
-    again = tf.function(call(model), input_signature=input_signature(model))
-    assert xla_kernels(again.get_concrete_function().graph.as_graph_def())
+        assert not graph_kernels(model, under_tape=True)
+    config.enable_fused_forward()
+    try:
+        assert graph_kernels(model)  # the explicit opt-in
+        with ops.plain_ops(), ops.plain_ops():
+            assert not graph_kernels(model)
+        # Nested and re-entered contexts restore the switch on exit.
+        assert graph_kernels(model)
+    finally:
+        config.disable_fused_forward()
+    assert not graph_kernels(model)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -148,20 +168,25 @@ def test_tf2onnx_from_keras_converts(name):
     )
 
 
-def test_function_traced_before_export_needs_plain_ops():
-    """tf2onnx receives an already traced graph: only `plain_ops` helps.
+def test_function_traced_with_the_switch_on_needs_plain_ops():
+    """tf2onnx receives an already traced graph: a fused one does not convert.
 
-    The control shows that without it the traced kernel reaches tf2onnx as an
-    unsupported ``PartitionedCall``: this is why the context exists.
+    The control shows that with the switch on the traced kernel reaches
+    tf2onnx as an unsupported ``PartitionedCall``; `plain_ops` (or the
+    default) gives a graph that converts.
     """
     model = build_model("multimax")
     inputs = sample_inputs("multimax")
     signature = input_signature(model)
 
-    traced = tf.function(call(model), input_signature=signature)
-    traced.get_concrete_function()  # traced outside any exporter
-    proto, _ = tf2onnx.convert.from_function(traced, input_signature=signature)
-    assert "PartitionedCall" in {node.op_type for node in proto.graph.node}
+    config.enable_fused_forward()
+    try:
+        traced = tf.function(call(model), input_signature=signature)
+        traced.get_concrete_function()
+        proto, _ = tf2onnx.convert.from_function(traced, input_signature=signature)
+        assert "PartitionedCall" in {node.op_type for node in proto.graph.node}
+    finally:
+        config.disable_fused_forward()
 
     with ops.plain_ops():
         traced = tf.function(call(model), input_signature=signature)
@@ -193,57 +218,46 @@ def test_litert_converter_from_keras_model_converts():
 
 
 def test_kernel_and_plain_ops_agree_on_a_model():
-    """The default forward and the exported one differ by float rounding only."""
+    """The fused forward and the exported one differ by float rounding only."""
     model = build_model("attention")
     inputs = sample_inputs("attention")
-    fused = keras.ops.convert_to_numpy(model(inputs[0], training=False))
+    config.enable_fused_forward()
+    try:
+        fused = keras.ops.convert_to_numpy(model(inputs[0], training=False))
+    finally:
+        config.disable_fused_forward()
     assert_close(fused, keras_outputs(model, inputs), *SAME_OPS)
 
 
-def test_saved_model_signature_traced_beforehand_needs_plain_ops(tmp_path):
-    """A ConcreteFunction passed as ``signatures=`` was traced outside the save."""
+def test_saved_model_signature_traced_with_the_switch_on_needs_plain_ops(tmp_path):
+    """A ConcreteFunction passed as ``signatures=`` keeps what it was traced with."""
     model = build_model("multimax")
     module = tf.Module()
     module.model = model
     serve = tf.function(call(model), input_signature=input_signature(model))
 
-    tf.saved_model.save(
-        module, str(tmp_path / "a"), signatures=serve.get_concrete_function()
-    )
+    config.enable_fused_forward()
+    try:
+        tf.saved_model.save(
+            module, str(tmp_path / "a"), signatures=serve.get_concrete_function()
+        )
+        with ops.plain_ops():
+            concrete = tf.function(
+                call(model), input_signature=input_signature(model)
+            ).get_concrete_function()
+    finally:
+        config.disable_fused_forward()
     signature = tf.saved_model.load(str(tmp_path / "a")).signatures["serving_default"]
     assert xla_kernels(signature.graph.as_graph_def())  # the documented gap
 
-    with ops.plain_ops():
-        concrete = tf.function(
-            call(model), input_signature=input_signature(model)
-        ).get_concrete_function()
     tf.saved_model.save(module, str(tmp_path / "b"), signatures=concrete)
     signature = tf.saved_model.load(str(tmp_path / "b")).signatures["serving_default"]
     assert not xla_kernels(signature.graph.as_graph_def())
 
 
-def test_exporter_modules_match_whole_names():
-    """A module named like an exporter (``tf2onnx_helpers``) keeps the kernel."""
-    code = textwrap.dedent(
-        """
-        def trace(fn, signature):
-            return tf.function(fn, input_signature=signature).get_concrete_function()
-        """
-    )
-    model = build_model("multimax")
-    graphs = {}
-    for name in ("tf2onnx_helpers", "tf2onnx.helpers"):
-        namespace = {"__name__": name, "tf": tf}
-        exec(code, namespace)  # frames of `trace` report `name` as their module
-        concrete = namespace["trace"](call(model), input_signature(model))
-        graphs[name] = xla_kernels(concrete.graph.as_graph_def())
-    assert graphs["tf2onnx_helpers"]
-    assert not graphs["tf2onnx.helpers"]
-
-
 def test_eager_inference_compiles_no_kernel_and_training_does():
     """Eager inference would compile the kernel for every new shape: plain ops."""
-    kernel = ops._forward_kernel
+    kernel = tf_multimax._forward_kernel
     ranges = tf.constant([-1.0, 1.0, -2.0, 2.0])
     ts = tf.constant([0.3, 0.4, 0.1, 0.2])
     before = kernel.experimental_get_tracing_count()
@@ -260,7 +274,7 @@ def test_eager_inference_compiles_no_kernel_and_training_does():
 
 MIRRORED_CHILD = """
 import sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {tests!r} + "/.."]  # this checkout's keras_multimax
 import tensorflow as tf
 
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -269,8 +283,10 @@ tf.config.set_logical_device_configuration(
 )
 from export_models import build_model
 from test_export_graphs import call, input_signature, xla_kernels
+from keras_multimax import config
 from keras_multimax import ops
 
+config.enable_fused_forward()  # the kernel in inference graphs: the control
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
     model = build_model("attention")
@@ -295,7 +311,7 @@ print(bool(default), bool(plain))
 
 @pytest.mark.slow
 def test_plain_ops_reaches_mirrored_replica_threads(tmp_path):
-    """`strategy.run` traces each replica in its own thread."""
+    """`strategy.run` traces each replica in its own thread (switch on)."""
     tests = str(pathlib.Path(inspect.getfile(xla_kernels)).parent)
     out = run_fresh_python(MIRRORED_CHILD.format(tests=tests), cwd=str(tmp_path))
     assert out.split() == ["True", "False"], out

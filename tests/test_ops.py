@@ -413,43 +413,4 @@ def test_half_precision_is_computed_in_float32():
     np.testing.assert_allclose(actual, expected, rtol=1e-3)
 
 
-# --- errors ------------------------------------------------------------------------
-
-
-def test_non_float_input_is_a_type_error():
-    with pytest.raises(TypeError, match=r"x.dtype=int32"):
-        ops.multimax(tf.constant([[1, 2]]), tf.zeros(4), tf.zeros(4))
-    with pytest.raises(TypeError, match=r"ranges.dtype=int32"):
-        ops.seglu(tf.zeros((2,)), tf.zeros(4, tf.int32), tf.zeros(4))
-
-
-@pytest.mark.parametrize(
-    "ranges_shape, ts_shape, match",
-    [
-        ((3,), (3,), r"ts.shape=\(3,\)"),
-        ((4,), (2,), r"ranges.shape=\(4,\), ts.shape=\(2,\)"),
-        ((2, 4), (3, 4), r"ranges.shape=\(2, 4\), ts.shape=\(3, 4\)"),
-        ((), (), r"ranges.shape=\(\)"),
-        ((3, 4), (3, 4), r"x.shape=\(2, 5\), ranges.shape=\(3, 4\)"),
-        ((1, 2, 5, 4), (1, 2, 5, 4), r"cannot have more dimensions"),
-    ],
-)
-def test_bad_parameters_are_value_errors(ranges_shape, ts_shape, match):
-    with pytest.raises(ValueError, match=match):
-        ops.multimax(tf.zeros((2, 5)), tf.zeros(ranges_shape), tf.zeros(ts_shape))
-
-
-def test_bad_axis_and_mask_are_value_errors():
-    x = tf.zeros((2, 5))
-    with pytest.raises(ValueError, match=r"axis=2"):
-        ops.multimax(x, tf.zeros(4), tf.zeros(4), axis=2)
-    with pytest.raises(ValueError, match=r"axis=\(1, -1\)"):
-        ops.multimax(x, tf.zeros(4), tf.zeros(4), axis=(1, -1))
-    with pytest.raises(ValueError, match=r"axis=\(\)"):
-        ops.multimax(x, tf.zeros(4), tf.zeros(4), axis=())
-    with pytest.raises(ValueError, match=r"mask.shape=\(2, 3\)"):
-        ops.multimax(x, tf.zeros(4), tf.zeros(4), mask=tf.ones((2, 3), tf.bool))
-    with pytest.raises(ValueError, match=r"mask.shape=\(1, 2, 5\)"):
-        ops.multimax(x, tf.zeros(4), tf.zeros(4), mask=tf.ones((1, 2, 5), tf.bool))
-    with pytest.raises(TypeError, match=r"mask.dtype=string"):
-        ops.multimax(x, tf.zeros(4), tf.zeros(4), mask=tf.constant([["a"] * 5] * 2))
+# Argument errors: tests/test_ops_errors.py (the same on every backend).

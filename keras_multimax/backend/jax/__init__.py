@@ -1,1 +1,1 @@
-"""The JAX implementations of keras_multimax.ops."""
+"""keras_multimax on the JAX backend."""

@@ -1,1 +1,1 @@
-"""The TensorFlow implementations of keras_multimax.ops."""
+"""keras_multimax on the TensorFlow backend."""

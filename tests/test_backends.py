@@ -1,0 +1,40 @@
+"""Which Keras backends keras_multimax runs on, and the error for the others."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+
+
+def _import_with_backend(backend: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT  # this checkout's keras_multimax
+    return subprocess.run(
+        [sys.executable, "-c", "import keras_multimax"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_unsupported_backend_is_a_clear_import_error(backend):
+    """torch (installed or not: Keras then fails on `import torch`) and numpy."""
+    proc = _import_with_backend(backend)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: keras_multimax supports the Keras backends")
+    assert "tensorflow, jax" in last and f"backend={backend!r}" in last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_supported_backends_import(backend):
+    proc = _import_with_backend(backend)
+    assert proc.returncode == 0, proc.stderr[-3000:]
