@@ -38,7 +38,7 @@ if importlib.util.find_spec("keras_hub") is not None:
     # models (.keras files, presets) load after `import keras_multimax`.
     from keras_multimax import hub  # noqa: F401
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
