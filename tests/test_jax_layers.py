@@ -158,3 +158,63 @@ def test_keras_file_loads_on_the_other_backend(saved_on, loaded_on, tmp_path):
     saved, loaded = np.load(path + ".save.npy"), np.load(path + ".load.npy")
     # Two backends, float32, two blocks of matmuls: ~100 ulp of the output.
     np.testing.assert_allclose(loaded, saved, rtol=F32_RTOL, atol=F32_RTOL)
+
+
+def _llama():
+    import keras_hub
+
+    return keras_hub.models.LlamaBackbone(
+        vocabulary_size=50,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+
+
+def test_keras_hub_llama_converts_and_leaves_the_fused_jax_path(monkeypatch):
+    pytest.importorskip("keras_hub", reason="the keras-hub extra is not installed")
+    backbone = _llama()
+    rng = np.random.default_rng(0)
+    inputs = {
+        "token_ids": rng.integers(1, 50, (2, 8)).astype("int32"),
+        "padding_mask": np.ones((2, 8), "int32"),
+    }
+    expected = _numpy(backbone(inputs))
+    calls = []
+    original = keras.ops.dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(keras.ops, "dot_product_attention", counting)
+    _numpy(backbone(inputs))
+    softmax_calls = len(calls)
+    converted = to_multimax(backbone)
+    calls.clear()
+    got = _numpy(converted(inputs))
+    # On JAX the SoftMax model takes the fused kernel; the MultiMax one never.
+    assert softmax_calls == 2 and not calls, (softmax_calls, len(calls))
+    # ts = 0: the same function, float32 rounding of a different SoftMax path.
+    np.testing.assert_allclose(got, expected, atol=F32_RTOL * np.abs(expected).max())
+    for w in converted.weights:
+        if w.name == "ts":
+            w.assign(np.full(w.shape, 0.5, "float32"))
+    moved = np.abs(_numpy(converted(inputs)) - expected).max()
+    assert moved > 100 * F32_RTOL * np.abs(expected).max()
+
+
+def test_lm_head_on_jax_equals_cross_entropy_of_its_logits():
+    head = layers.MultiMaxLMHead(20, ts_initializer=keras.initializers.Constant(0.3))
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(2, 3, 8)).astype("float32")
+    labels = rng.integers(0, 20, (2, 3))
+    loss = _numpy(head(hidden, labels=labels))
+    logits = _numpy(head(hidden))
+    expected = -np.take_along_axis(
+        _numpy(jax.nn.log_softmax(logits, axis=-1)), labels[..., None], -1
+    )[..., 0]
+    # One logsumexp over 20 modulated logits of O(1): ~100 ulp.
+    np.testing.assert_allclose(loss, expected, atol=F32_RTOL * np.abs(expected).max())
