@@ -107,6 +107,47 @@ def partials(x, r: list, t: list):
     return ops.where(finite, d_x, ops.ones_like(d_x)), ranges_factors, ts_factors
 
 
+def _hits(z, target):
+    """Where column j of a ``(tokens, chunk)`` block is the token's label.
+
+    ``target = label − first column of the chunk`` (outside the chunk: no hit).
+    """
+    columns = ops.arange(ops.shape(z)[1], dtype=target.dtype)
+    return ops.equal(columns[None, :], target[:, None])
+
+
+def cross_entropy_chunk(z, target, ranges, ts):
+    """One vocabulary chunk of ``logsumexp(σ(z)) − σ(z)[label]``, per token.
+
+    Returns the max of σ(z), Σ exp(σ(z) − max) and σ(z)[target] (0 where the
+    label is not in this chunk); the caller merges chunks as an online
+    logsumexp.
+    """
+    s = modulate(z, split_parameters(ranges), split_parameters(ts))
+    top = ops.max(s, axis=1)
+    total = ops.sum(ops.exp(s - top[:, None]), axis=1)
+    picked = ops.sum(ops.where(_hits(z, target), s, ops.zeros_like(s)), axis=1)
+    return top, total, picked
+
+
+def cross_entropy_chunk_gradients(z, lse, g, target, ranges, ts):
+    """∂L/∂z of a chunk, its column sums (∂L/∂bias) and the 4K parameter sums per token.
+
+    With ``p = exp(σ(z) − lse)``: ``∂L/∂σ = g·(p − onehot(label))`` and
+    ``∂L/∂z = ∂L/∂σ · σ'(z)``. The parameter sums are per token (``(4K,
+    tokens)``, added up by the caller) rather than to scalars: XLA on CPU
+    runs a reduction to a scalar on one thread, and row sums were 30-45 %
+    faster for the whole kernel at [4096, 1024].
+    """
+    r, t = split_parameters(ranges), split_parameters(ts)
+    p = ops.exp(modulate(z, r, t) - lse[:, None])
+    ds = g[:, None] * (p - ops.cast(_hits(z, target), z.dtype))
+    d_z, ranges_factors, ts_factors = partials(z, r, t)
+    dz = ds * d_z
+    sums = ops.stack([ops.sum(ds * f, axis=1) for f in ranges_factors + ts_factors])
+    return dz, ops.sum(dz, axis=0), sums
+
+
 def range_scale(order: int) -> list[int]:
     """±(k+1) for ranges[2k] (+) and ranges[2k+1] (−), in the order of the factors."""
     return [s * (k + 1) for k in range(order) for s in (1, -1)]
