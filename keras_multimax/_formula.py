@@ -82,6 +82,22 @@ def partials(x, r: list, t: list):
     that parameter gradients stay finite.
     """
     finite = ops.logical_not(_is_infinite(x))
+    d_x, ranges_factors, ts_factors = finite_partials(x, r, t)
+    zeros = ops.zeros_like(x)
+    return (
+        ops.where(finite, d_x, ops.ones_like(d_x)),
+        [ops.where(finite, f, zeros) for f in ranges_factors],
+        [ops.where(finite, f, zeros) for f in ts_factors],
+    )
+
+
+def finite_partials(x, r: list, t: list):
+    """`partials` for finite ``x``, without the ``±inf`` fixed points.
+
+    For callers that replace non-finite entries themselves, once, instead of
+    once per factor (the JAX backward: ``backend/jax/multimax.py``). Factors
+    saturate at the largest float of the dtype, as in `partials`.
+    """
     largest = _largest(x.dtype)
     d_x = ops.ones_like(x)
     ranges_factors, ts_factors = [], []
@@ -96,15 +112,12 @@ def partials(x, r: list, t: list):
         d_x = d_x - (k + 1) * (
             _scaled(t[2 * k], lower_k) - _scaled(t[2 * k + 1], upper_k)
         )
-        for factors, value in (
-            (ranges_factors, lower_k),
-            (ranges_factors, upper_k),
-            (ts_factors, lower_k * lower),
-            (ts_factors, upper_k * upper),
-        ):
-            value = ops.minimum(value, largest)
-            factors.append(ops.where(finite, value, ops.zeros_like(value)))
-    return ops.where(finite, d_x, ops.ones_like(d_x)), ranges_factors, ts_factors
+        ranges_factors += [ops.minimum(lower_k, largest), ops.minimum(upper_k, largest)]
+        ts_factors += [
+            ops.minimum(lower_k * lower, largest),
+            ops.minimum(upper_k * upper, largest),
+        ]
+    return d_x, ranges_factors, ts_factors
 
 
 def _hits(z, target):

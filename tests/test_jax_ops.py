@@ -173,18 +173,67 @@ def test_gradient_equals_autodiff_of_plain_formula(
     x_shape, param_shape, axis, with_mask
 ):
     rng = np.random.default_rng(3)
-    out_shape = np.broadcast_shapes(x_shape, param_shape[:-1])
     mask = jnp.asarray(rng.random(x_shape) > 0.3) if with_mask else None
     with jax.enable_x64(True):
-        x = jnp.asarray(rng.normal(scale=2.0, size=x_shape))
-        ranges = jnp.asarray(rng.normal(size=param_shape))
-        ts = jnp.asarray(rng.normal(scale=0.3, size=param_shape))
-        upstream = jnp.asarray(rng.normal(size=out_shape))
-        ours = values_and_gradients(ops.multimax, upstream, axis=axis, mask=mask)
-        plain = values_and_gradients(plain_multimax, upstream, axis=axis, mask=mask)
-        for a, b in zip(ours(x, ranges, ts), plain(x, ranges, ts)):
-            assert a.shape == b.shape
-            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+        _check_against_plain_formula(rng, x_shape, param_shape, axis, mask)
+
+
+def _check_against_plain_formula(rng, x_shape, param_shape, axis, mask):
+    """Random float64 arguments; returns them and the VJP, checked against autodiff."""
+    x = jnp.asarray(rng.normal(scale=2.0, size=x_shape))
+    ranges = jnp.asarray(rng.normal(size=param_shape))
+    ts = jnp.asarray(rng.normal(scale=0.3, size=param_shape))
+    out_shape = np.broadcast_shapes(x_shape, param_shape[:-1])
+    upstream = jnp.asarray(rng.normal(size=out_shape))
+    ours = values_and_gradients(ops.multimax, upstream, axis=axis, mask=mask)
+    plain = values_and_gradients(plain_multimax, upstream, axis=axis, mask=mask)
+    for a, b in zip(ours(x, ranges, ts), plain(x, ranges, ts)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    return (x, ranges, ts), upstream, ours
+
+
+@pytest.mark.parametrize(
+    "param_shape, axis, loops",
+    [
+        ((4,), -1, True),
+        ((3, 1, 1, 4), -1, True),  # per-head parameters
+        ((4,), (2, 3), True),
+        ((8, 1, 1, 1, 4), -1, False),  # one set per leading index: summed apart
+        ((4,), 0, False),  # normalised over the leading axis
+    ],
+)
+def test_gradient_in_cache_sized_slices_equals_autodiff(
+    monkeypatch, param_shape, axis, loops
+):
+    """The CPU backward over slices of the leading axis (`_SLICE_BYTES`).
+
+    The slice size is lowered so that a small x (8 rows of 720 bytes) is
+    split in 4; the loop must show in the program, and its gradients equal
+    `jax.grad` of the plain formula with a mask. A −inf entry gives what the
+    same entry masked gives (the plain formula's gradient is NaN there).
+    """
+    from keras_multimax.backend.jax import multimax as backend
+
+    monkeypatch.setattr(backend, "_SLICE_BYTES", 2 * 720)
+    rng = np.random.default_rng(8)
+    x_shape = (8, 3, 5, 6)
+    mask = jnp.asarray(rng.random(x_shape) > 0.3)
+    with jax.enable_x64(True):
+        (x, ranges, ts), upstream, ours = _check_against_plain_formula(
+            rng, x_shape, param_shape, axis, mask
+        )
+        program = str(jax.make_jaxpr(ours)(x, ranges, ts))
+        assert ("scan[" in program or "while[" in program) == loops
+        at = (1, 2, 3, 4)
+        masked = values_and_gradients(
+            ops.multimax, upstream, axis=axis, mask=mask.at[at].set(False)
+        )(x, ranges, ts)
+        minus_inf = values_and_gradients(ops.multimax, upstream, axis=axis, mask=mask)(
+            x.at[at].set(-jnp.inf), ranges, ts
+        )
+        for a, b in zip(minus_inf, masked):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_seglu_gradient_has_the_shape_of_x_when_parameters_broadcast_it():
