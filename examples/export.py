@@ -117,13 +117,21 @@ def train_model(task, args):
 def choose_formats(requested):
     """The formats to run: `requested` (all must run) or every runnable one.
 
-    Raises `SystemExit` naming the missing packages if a format asked for
-    with ``--formats`` cannot run; with the default, prints one line naming
-    the formats skipped.
+    Raises `SystemExit` naming the missing packages (or the Keras backend)
+    if a format asked for with ``--formats`` cannot run; with the default,
+    prints one line naming the formats skipped.
     """
+    unsupported = export.unsupported_formats(requested or export.FORMATS)
+    if requested and unsupported:
+        reasons = "; ".join(dict.fromkeys(unsupported.values()))
+        raise SystemExit(f"error: --formats {' '.join(unsupported)}: {reasons}.")
+    if unsupported:
+        print(f"Skipping {', '.join(unsupported)}: {next(iter(unsupported.values()))}")
     missing = export.unavailable_formats(requested or export.FORMATS)
     needs = "; ".join(f"{f} needs {', '.join(p)}" for f, p in missing.items())
     install = "the export extra: pip install 'keras-multimax[export]'"
+    if any("jax2onnx" in p for p in missing.values()):
+        install += ", and jax2onnx (ONNX from JAX; not in the extra)"
     if requested:
         if missing:
             raise SystemExit(
@@ -135,7 +143,7 @@ def choose_formats(requested):
         print(
             f"Skipping {', '.join(missing)}: runtime not installed ({needs}); install {install}"
         )
-    return [f for f in export.FORMATS if f not in missing]
+    return [f for f in export.FORMATS if f not in missing and f not in unsupported]
 
 
 def _digits_task(args):

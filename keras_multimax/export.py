@@ -4,7 +4,9 @@
 float32 and dynamic-range quantized, builtin ops only) and ONNX files, runs
 each in its own runtime on the same inputs, and reports file size, the largest
 difference to the Keras model and the latency per batch; `format_table`
-prints that as a Markdown table.
+prints that as a Markdown table. On Keras' JAX backend the ``.keras`` file,
+the SavedModel (through jax2tf) and ONNX (through jax2onnx) are written;
+Keras exports LiteRT only from TensorFlow, see `unsupported_formats`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import importlib
 import os
 import time
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -28,6 +31,7 @@ __all__ = [
     "export_all",
     "format_table",
     "unavailable_formats",
+    "unsupported_formats",
 ]
 
 FORMATS = ("keras", "tf_saved_model", "litert", "litert_dynamic_range", "onnx")
@@ -51,7 +55,16 @@ _EXTRA = "the `export` extra: pip install 'keras-multimax[export]'"
 _RUNTIMES = {
     "litert": (("ai_edge_litert.interpreter", "ai-edge-litert"),),
     "litert_dynamic_range": (("ai_edge_litert.interpreter", "ai-edge-litert"),),
-    "onnx": (("onnxruntime", "onnxruntime"), ("tf2onnx", "tf2onnx")),
+    "onnx": (("onnxruntime", "onnxruntime"),),
+}
+# Keras backend -> the converter `model.export(format="onnx")` uses there
+# (module and package alike). jax2onnx is not in the `export` extra.
+_ONNX_CONVERTERS = {"tensorflow": "tf2onnx", "jax": "jax2onnx"}
+# format -> the backends (of those keras_multimax runs on) whose
+# `model.export` writes it; formats not listed export from every backend.
+_EXPORT_BACKENDS = {
+    "litert": ("tensorflow",),
+    "litert_dynamic_range": ("tensorflow",),
 }
 
 
@@ -202,6 +215,21 @@ def _register_tf2onnx_erfc() -> None:
             ctx.set_dtype(sub.output[0], dtype)
 
 
+def _runtimes(fmt: str) -> tuple[tuple[str, str], ...]:
+    """(module, package) pairs that running `fmt` needs on this backend."""
+    runtimes = _RUNTIMES.get(fmt, ())
+    if fmt == "onnx":
+        converter = _ONNX_CONVERTERS[keras.backend.backend()]
+        runtimes += ((converter, converter),)
+    return runtimes
+
+
+def _install_hint(packages: Sequence[str]) -> str:
+    if "jax2onnx" in packages:
+        return f"{_EXTRA}, and jax2onnx (ONNX from JAX; not in the extra)"
+    return _EXTRA
+
+
 def _importable(module: str) -> bool:
     try:
         importlib.import_module(module)
@@ -210,15 +238,55 @@ def _importable(module: str) -> bool:
     return True
 
 
+def unsupported_formats(formats: Sequence[str] = FORMATS) -> dict[str, str]:
+    """The formats among `formats` that Keras cannot export on this backend.
+
+    Keras 3.15 writes LiteRT files only from the TensorFlow (and PyTorch)
+    backend: on ``KERAS_BACKEND=jax`` both LiteRT formats are unsupported.
+    Every other format exports from both backends keras_multimax runs on.
+    `export_all` leaves these formats out of its default (with a warning)
+    and raises a `ValueError` if they are asked for.
+
+    Example (on TensorFlow):
+
+    >>> unsupported_formats()
+    {}
+
+    Args:
+        formats: Any of `FORMATS`.
+
+    Returns:
+        A dict from each unsupported format to the reason, naming the
+        backend, in the order of ``formats``; empty when every one exports.
+    """
+    backend = keras.backend.backend()
+    return {
+        fmt: (
+            f'`model.export(format="litert")` needs the TensorFlow backend; '
+            f"Keras refuses it on the {backend!r} backend. Save a .keras file "
+            "and export it under KERAS_BACKEND=tensorflow"
+        )
+        for fmt in formats
+        if backend not in _EXPORT_BACKENDS.get(fmt, (backend,))
+    }
+
+
+def _reasons(reasons: dict[str, str]) -> str:
+    return "; ".join(dict.fromkeys(reasons.values()))
+
+
 def unavailable_formats(
     formats: Sequence[str] = FORMATS,
 ) -> dict[str, tuple[str, ...]]:
     """The formats among `formats` whose runtime cannot be imported.
 
     ``keras`` and ``tf_saved_model`` only need TensorFlow; the LiteRT
-    formats need ``ai-edge-litert``, ``onnx`` needs ``onnxruntime`` and
-    ``tf2onnx`` (all in the ``export`` extra). Each is checked by importing
-    it, so a broken install counts as missing.
+    formats need ``ai-edge-litert``, ``onnx`` needs ``onnxruntime`` and the
+    converter of the Keras backend: ``tf2onnx`` on TensorFlow (all in the
+    ``export`` extra), ``jax2onnx`` on JAX (not in it). Each is checked by
+    importing it, so a broken install counts as missing. Formats this
+    backend cannot export at all are not listed here but in
+    `unsupported_formats`.
 
     Example:
 
@@ -234,11 +302,12 @@ def unavailable_formats(
         everything can run.
     """
     missing = {}
+    unsupported = unsupported_formats(formats)
     for fmt in formats:
+        if fmt in unsupported:
+            continue
         packages = tuple(
-            package
-            for module, package in _RUNTIMES.get(fmt, ())
-            if not _importable(module)
+            package for module, package in _runtimes(fmt) if not _importable(module)
         )
         if packages:
             missing[fmt] = packages
@@ -246,15 +315,18 @@ def unavailable_formats(
 
 
 def _onnx_runner(model, path, arrays):
+    converter = _ONNX_CONVERTERS[keras.backend.backend()]
     try:
         import onnxruntime
-        import tf2onnx  # noqa: F401  (model.export(format="onnx") converts with it)
+
+        importlib.import_module(converter)  # model.export(format="onnx") uses it
     except ImportError as e:
         raise ImportError(
-            "Exporting and running ONNX models needs onnxruntime and tf2onnx; "
-            f"could not import {e.name or e}. Install {_EXTRA}."
+            f"Exporting and running ONNX models needs onnxruntime and {converter}; "
+            f"could not import {e.name or e}. Install {_install_hint([converter])}."
         ) from e
-    _register_tf2onnx_erfc()
+    if converter == "tf2onnx":
+        _register_tf2onnx_erfc()
     model.export(path, format="onnx", verbose=False)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -278,7 +350,7 @@ def export_all(
     model: keras.Model,
     directory: str,
     inputs,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] | None = None,
     repeats: int = 20,
 ) -> list[ExportResult]:
     """Exports `model` to each format, runs it there and compares with Keras.
@@ -291,6 +363,12 @@ def export_all(
     The SavedModel keeps the closed-form MultiMax gradients and reloads
     without keras_multimax; the ``.keras`` file needs ``import
     keras_multimax`` before `keras.saving.load_model`.
+
+    On ``KERAS_BACKEND=jax`` the SavedModel is converted by jax2tf and
+    checked in TensorFlow the same way, and ONNX is converted by jax2onnx;
+    Keras cannot export LiteRT there, so the default ``formats`` leaves both
+    LiteRT formats out with a `UserWarning` giving the reason (see
+    `unsupported_formats`), and asking for them raises a `ValueError`.
 
     Example:
 
@@ -312,15 +390,18 @@ def export_all(
         inputs: One batch: an array, or a list of arrays in the order of
             ``model.inputs``.
         formats: Any of `FORMATS`: ``"keras"``, ``"tf_saved_model"``,
-            ``"litert"``, ``"litert_dynamic_range"``, ``"onnx"``.
+            ``"litert"``, ``"litert_dynamic_range"``, ``"onnx"``. Defaults
+            to every format the Keras backend can export (all of `FORMATS`
+            on TensorFlow).
         repeats: Timed calls per format (the median is reported).
 
     Returns:
         One `ExportResult` per format, in the order of ``formats``.
 
     Raises:
-        ValueError: For an unknown format, ``repeats < 1``, a model with
-            several outputs, or LiteRT formats for a model that computes in
+        ValueError: For an unknown format, a format the Keras backend cannot
+            export (LiteRT on JAX), ``repeats < 1``, a model with several
+            outputs, or LiteRT formats for a model that computes in
             float16/bfloat16 (mixed precision; rebuild it in float32 first).
         ImportError: If the runtime of a requested format is not installed
             (``ai-edge-litert``, ``onnxruntime``/``tf2onnx``), before
@@ -330,6 +411,9 @@ def export_all(
         Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
         Learning", ICML 2024.
     """
+    skipped = unsupported_formats() if formats is None else {}
+    if formats is None:
+        formats = tuple(f for f in FORMATS if f not in skipped)
     formats = tuple(formats)
     unknown = [f for f in formats if f not in _RUNNERS]
     if unknown or not formats:
@@ -346,12 +430,25 @@ def export_all(
             "`export_all` compares a single output. "
             f"Received: a model with {len(model.outputs)} outputs"
         )
+    unsupported = unsupported_formats(formats)
+    if unsupported:
+        raise ValueError(
+            f"Cannot export {', '.join(unsupported)}: {_reasons(unsupported)}. "
+            f"Received: formats={formats}"
+        )
+    if skipped:
+        warnings.warn(
+            f"keras_multimax.export.export_all leaves out {', '.join(skipped)}: "
+            f"{_reasons(skipped)}. `unsupported_formats()` tells in advance.",
+            stacklevel=2,
+        )
     missing = unavailable_formats(formats)
     if missing:
         needs = "; ".join(f"{f} needs {', '.join(p)}" for f, p in missing.items())
+        packages = [p for names in missing.values() for p in names]
         raise ImportError(
-            f"Runtime not installed: {needs}. Install {_EXTRA}, or leave "
-            f"these formats out. Received: formats={formats}"
+            f"Runtime not installed: {needs}. Install {_install_hint(packages)}, "
+            f"or leave these formats out. Received: formats={formats}"
         )
     arrays = _as_list(inputs)
     reference = np.asarray(
