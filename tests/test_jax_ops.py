@@ -236,6 +236,37 @@ def test_gradient_in_cache_sized_slices_equals_autodiff(
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("upstream_shape", [(197,), (6, 197, 197), (6, 1, 197)])
+def test_gradient_with_an_upstream_that_broadcasts(upstream_shape):
+    """A loss like ``sum(y · w)`` with ``w`` shared over the batch.
+
+    jax 0.10.2 on the CPU computes ``y · (dy − Σ dy·y)`` wrongly (errors of
+    10–35 % of ``max|y·dy|``) when ``dy`` is such a broadcast and x is as
+    large as [4, 6, 197, 197]; ``y·dy − y·Σ dy·y`` is right. float32 against
+    NumPy in float64: the 100-ulp bound of the other float32 tests, of the
+    largest term ``|y·dy|``.
+    """
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(4, 6, 197, 197)).astype("float32")
+    ranges = np.array([-1.0, 1.0, -2.0, 2.0], "float32")
+    ts = np.array([0.3, 0.4, 0.1, 0.2], "float32")
+    w = rng.normal(size=upstream_shape).astype("float32")
+    gx = jax.jit(jax.grad(lambda x: jnp.sum(ops.multimax(x, ranges, ts) * w)))(x)
+    y = ref.multimax(x.astype("float64"), ranges, ts)
+    dy = np.broadcast_to(w.astype("float64"), x.shape)
+    gs = y * (dy - np.sum(dy * y, axis=-1, keepdims=True))
+    xd = x.astype("float64")
+    d_x = (
+        1
+        - ts[0] * (xd < ranges[0])
+        + ts[1] * (xd > ranges[1])
+        - 2 * ts[2] * np.maximum(ranges[2] - xd, 0)
+        + 2 * ts[3] * np.maximum(xd - ranges[3], 0)
+    )
+    error = np.max(np.abs(np.asarray(gx, np.float64) - gs * d_x))
+    assert error <= F32_RTOL * np.max(np.abs(y * dy))
+
+
 def test_seglu_gradient_has_the_shape_of_x_when_parameters_broadcast_it():
     rng = np.random.default_rng(4)
     with jax.enable_x64(True):

@@ -116,6 +116,9 @@ def _sums_to(values: list, target: tuple) -> list:
     axes = _reduced_axes(shape, target)
     if not axes:
         return [v.reshape(target) for v in values]
+    if not all(isinstance(d, int) for d in shape):
+        # Symbolic dimensions (`jax.export`): no split that needs their value.
+        return [s.reshape(target) for s in _variadic_sum(values, axes)]
     if len(axes) == len(shape) and np.prod(shape) % _SPLIT == 0:
         # Every entry is summed: any split of the flat array will do.
         firsts = _variadic_sum([v.reshape(_SPLIT, -1) for v in values], (0,))
@@ -258,7 +261,10 @@ def _multimax_bwd(axes, saved, dy):
     def gradients(x, y, dy):
         yc, dyc = y.astype(compute), dy.astype(compute)
         # The SoftMax backward; it is 0 at excluded entries, and so are their gradients.
-        gs = yc * (dyc - jnp.sum(dyc * yc, axis=axes, keepdims=True))
+        # Written y·dy − y·Σ dy·y: jax 0.10.2 on the CPU miscomputes y·(dy − Σ dy·y)
+        # (tens of % off) when dy is a broadcast, e.g. of a weight shared over the batch
+        # (`tests/test_jax_ops.py::test_gradient_with_an_upstream_that_broadcasts`).
+        gs = yc * dyc - yc * jnp.sum(dyc * yc, axis=axes, keepdims=True)
         return _gradients(x, gs, ranges, ts)
 
     count = _slices(x, ranges, axes)
