@@ -194,17 +194,18 @@ def _check_against_plain_formula(rng, x_shape, param_shape, axis, mask):
 
 
 @pytest.mark.parametrize(
-    "param_shape, axis, loops",
+    "x_shape, param_shape, axis, loops",
     [
-        ((4,), -1, True),
-        ((3, 1, 1, 4), -1, True),  # per-head parameters
-        ((4,), (2, 3), True),
-        ((8, 1, 1, 1, 4), -1, False),  # one set per leading index: summed apart
-        ((4,), 0, False),  # normalised over the leading axis
+        ((8, 3, 5, 6), (4,), -1, True),
+        ((8, 3, 5, 6), (3, 1, 1, 4), -1, True),  # per-head parameters
+        ((8, 3, 5, 6), (4,), (2, 3), True),
+        ((8, 3, 5, 6), (8, 1, 1, 1, 4), -1, False),  # one set per leading index
+        ((8, 3, 5, 6), (4,), 0, False),  # normalised over the leading axis
+        ((8, 1, 5, 18), (3, 1, 1, 4), -1, False),  # parameters broadcast x up
     ],
 )
 def test_gradient_in_cache_sized_slices_equals_autodiff(
-    monkeypatch, param_shape, axis, loops
+    monkeypatch, x_shape, param_shape, axis, loops
 ):
     """The CPU backward over slices of the leading axis (`_SLICE_BYTES`).
 
@@ -217,7 +218,6 @@ def test_gradient_in_cache_sized_slices_equals_autodiff(
 
     monkeypatch.setattr(backend, "_SLICE_BYTES", 2 * 720)
     rng = np.random.default_rng(8)
-    x_shape = (8, 3, 5, 6)
     mask = jnp.asarray(rng.random(x_shape) > 0.3)
     with jax.enable_x64(True):
         (x, ranges, ts), upstream, ours = _check_against_plain_formula(
@@ -225,7 +225,7 @@ def test_gradient_in_cache_sized_slices_equals_autodiff(
         )
         program = str(jax.make_jaxpr(ours)(x, ranges, ts))
         assert ("scan[" in program or "while[" in program) == loops
-        at = (1, 2, 3, 4)
+        at = (1, 0, 3, 4)
         masked = values_and_gradients(
             ops.multimax, upstream, axis=axis, mask=mask.at[at].set(False)
         )(x, ranges, ts)

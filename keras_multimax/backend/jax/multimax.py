@@ -213,18 +213,21 @@ def _backward(x, gs, ranges, ts):
 _SLICE_BYTES = 4 << 20
 
 
-def _slices(x, ranges, axes) -> int:
+def _slices(x, y, ranges, axes) -> int:
     """How many slices of the leading axis the backward loops over (1: none).
 
     Slices of at most `_SLICE_BYTES`, as few as the length of the axis
     allows; no loop for arrays that fit in cache anyway, for slices so small
     that the loop would cost more than it saves, on other platforms than the
-    CPU, and where the leading axis is normalised over or holds parameters.
+    CPU, where the leading axis is normalised over or holds parameters, and
+    where the parameters or the mask broadcast x to a larger output y.
     """
     shape = x.shape
     if (
         jax.default_backend() != "cpu"
+        or y.shape != shape
         or len(shape) < 2
+        or shape[0] < 2
         or not all(isinstance(d, int) for d in shape)
         or 0 in {a % len(shape) for a in axes}
         or (len(ranges.shape) - 1 == len(shape) and ranges.shape[0] != 1)
@@ -267,7 +270,7 @@ def _multimax_bwd(axes, saved, dy):
         gs = yc * dyc - yc * jnp.sum(dyc * yc, axis=axes, keepdims=True)
         return _gradients(x, gs, ranges, ts)
 
-    count = _slices(x, ranges, axes)
+    count = _slices(x, y, ranges, axes)
     if count == 1:
         gx, sums = gradients(x, y, dy)
         gx = gx.astype(x.dtype)
