@@ -225,10 +225,12 @@ def _slices(x, y, ranges, axes) -> int:
     shape = x.shape
     if (
         jax.default_backend() != "cpu"
+        # Symbolic dimensions (`jax.export`, jax2tf) first: no comparison below
+        # can be decided on them.
+        or not all(isinstance(d, int) for d in shape + y.shape)
         or y.shape != shape
         or len(shape) < 2
         or shape[0] < 2
-        or not all(isinstance(d, int) for d in shape)
         or 0 in {a % len(shape) for a in axes}
         or (len(ranges.shape) - 1 == len(shape) and ranges.shape[0] != 1)
     ):
