@@ -90,6 +90,11 @@ def _sum_to(value, target: tuple):
     return (jnp.sum(value, axis=axes) if axes else value).reshape(target)
 
 
+def _is_static(shape: tuple) -> bool:
+    """Whether every dimension is a number (not symbolic, as under `jax.export`)."""
+    return all(isinstance(d, int) for d in shape)
+
+
 def _variadic_sum(values: list, axes: tuple) -> tuple:
     """Sums of several arrays of one shape over `axes`, in one reduction."""
     zeros = tuple(jnp.zeros((), v.dtype) for v in values)
@@ -116,14 +121,13 @@ def _sums_to(values: list, target: tuple) -> list:
     axes = _reduced_axes(shape, target)
     if not axes:
         return [v.reshape(target) for v in values]
-    if not all(isinstance(d, int) for d in shape):
-        # Symbolic dimensions (`jax.export`): no split that needs their value.
-        return [s.reshape(target) for s in _variadic_sum(values, axes)]
-    if len(axes) == len(shape) and np.prod(shape) % _SPLIT == 0:
+    # Symbolic dimensions (`jax.export`): no split that needs their value.
+    static = _is_static(shape)
+    if static and len(axes) == len(shape) and np.prod(shape) % _SPLIT == 0:
         # Every entry is summed: any split of the flat array will do.
         firsts = _variadic_sum([v.reshape(_SPLIT, -1) for v in values], (0,))
         return [jnp.sum(f).reshape(target) for f in firsts]
-    split = next((a for a in axes if shape[a] % _SPLIT == 0), None)
+    split = next((a for a in axes if static and shape[a] % _SPLIT == 0), None)
     if split is None:
         return [s.reshape(target) for s in _variadic_sum(values, axes)]
     parts = shape[:split] + (_SPLIT, shape[split] // _SPLIT) + shape[split + 1 :]
@@ -227,7 +231,7 @@ def _slices(x, y, ranges, axes) -> int:
         jax.default_backend() != "cpu"
         # Symbolic dimensions (`jax.export`, jax2tf) first: no comparison below
         # can be decided on them.
-        or not all(isinstance(d, int) for d in shape + y.shape)
+        or not _is_static(shape + y.shape)
         or y.shape != shape
         or len(shape) < 2
         or shape[0] < 2
