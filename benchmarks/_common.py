@@ -3,10 +3,13 @@
 Timing protocol (every benchmark): each variant is warmed up (tracing, XLA
 compilation, allocator growth), then the variants of one group are run in
 turn, ``runs`` rounds of one call (or ``number`` calls) each, so that load from
-other processes hits all of them alike. Each round gives each variant's wall
-and process CPU time; the reported figure is the median over rounds, and the
-ratio to the reference is the median of the per-round ratios (computed within
-the same round, never across runs of the script).
+other processes hits all of them alike. The order of the variants rotates
+from round to round, so that no variant always runs after the same one: a
+variant's first call after another pays for the caches and allocator state
+the other left behind. Each round gives each variant's wall and process CPU
+time; the reported figure is the median over rounds, and the ratio to the
+reference is the median of the per-round ratios (computed within the same
+round, never across runs of the script).
 """
 
 from __future__ import annotations
@@ -95,12 +98,20 @@ def interleaved(
     runs: int = 10,
     warmup: int = 2,
     min_seconds: float = 0.02,
+    settle: int = 0,
 ) -> dict[str, dict]:
     """Times `variants` in interleaved rounds; ratios are to `reference`.
 
+    ``settle`` untimed calls precede each variant's timed calls in every
+    round, for ops of a few milliseconds whose first call after another
+    variant is dominated by the state that variant left (see the module
+    docstring).
+
     Returns, per variant, ``wall_ms``/``cpu_ms`` (medians over rounds),
     ``ratio``/``cpu_ratio`` (medians of the per-round ratios to the
-    reference), ``number`` (calls per round) and the raw per-round times.
+    reference), ``ratio_quartiles`` (the first and third quartiles of the
+    per-round ratios), ``number`` (calls per round) and the raw per-round
+    times.
     """
     for fn in variants.values():
         for _ in range(warmup):
@@ -108,10 +119,15 @@ def interleaved(
     # Calls per round: enough for the reference to take `min_seconds`.
     ref_wall, _ = _time_once(variants[reference], 1)
     number = max(1, min(1000, int(min_seconds / max(ref_wall, 1e-6))))
+    names = list(variants)
     walls = {k: [] for k in variants}
     cpus = {k: [] for k in variants}
-    for _ in range(runs):
-        for name, fn in variants.items():
+    for i in range(runs):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = variants[name]
+            for _ in range(settle):
+                fn()
             wall, cpu = _time_once(fn, number)
             walls[name].append(wall)
             cpus[name].append(cpu)
@@ -123,11 +139,20 @@ def interleaved(
             "wall_ms": 1e3 * statistics.median(walls[name]),
             "cpu_ms": 1e3 * statistics.median(cpus[name]),
             "ratio": statistics.median(ratios),
+            # The spread of the per-round ratios: their quartiles.
+            "ratio_quartiles": _quartiles(ratios),
             "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
             "number": number,
             "rounds_wall_ms": [round(1e3 * w, 4) for w in walls[name]],
         }
     return out
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]]
+    low, _, high = statistics.quantiles(values, n=4)
+    return [low, high]
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

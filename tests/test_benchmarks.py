@@ -47,3 +47,25 @@ def test_bench_ops_writes_every_variant(tmp_path):
         "forward (tape)": models | floors,
         "forward+backward": models,
     }
+
+
+def test_interleaved_rotates_the_order_and_settles_each_round():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    calls = []
+    variants = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    res = _common.interleaved(
+        variants, "a", runs=3, warmup=1, min_seconds=0.0, settle=2
+    )
+    # Warm-up (1 each), the reference's sizing call, then per round and
+    # variant 2 untimed calls and `number` = 1 timed call.
+    rounds = calls[4:]
+    firsts = [rounds[i * 9] for i in range(3)]
+    assert firsts == ["a", "b", "c"]
+    assert all(rounds[i * 3 : i * 3 + 3] == [rounds[i * 3]] * 3 for i in range(9))
+    assert len(calls) == 4 + 3 * 3 * 3
+    low, high = res["b"]["ratio_quartiles"]
+    assert low <= res["b"]["ratio"] <= high
