@@ -89,7 +89,7 @@ def test_active_modulators_change_outputs_and_get_gradients(name):
         assert np.all(np.isfinite(g)) and np.any(g != 0), variable.path
 
 
-@pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.parametrize("name", CAUSAL + tuple(H.CAUSAL_TASKS))
 def test_cached_decoding_equals_the_full_forward(name):
     model, new = _pair(name)
     H.activate(new)
