@@ -36,8 +36,8 @@ BACKBONES = {
     "gemma": (M.GemmaBackbone, {**GQA, "head_dim": 4}),
     "vit": (M.ViTBackbone, {**IMAGE, "hidden_dim": 16, "mlp_dim": 32}),
     # Quick checks of more families. (Gemma3, text-only as it has no
-    # `vision_encoder`, also runs test_hub.py's cached-decoding test: see
-    # CAUSAL_TASKS.)
+    # `vision_encoder`, also runs test_hub.py's cached-decoding and generate
+    # tests: see CAUSAL_TASKS.)
     "opt": (M.OPTBackbone, {**MHA, "max_sequence_length": 32}),
     "mistral": (M.MistralBackbone, GQA),
     "qwen": (M.QwenBackbone, GQA),
@@ -98,8 +98,8 @@ TASKS = {
     "vit": M.ViTImageClassifier,
 }
 # name -> causal LM class, for quick-check families that also run test_hub.py's
-# cached-decoding test (so they are left out of DECODERS, whose quick cache
-# test it extends).
+# cached-decoding and generate tests (so they are left out of DECODERS, whose
+# quick cache test the former extends).
 CAUSAL_TASKS = {"gemma3": M.Gemma3CausalLM}
 DECODERS = ("gpt2", "llama", "gemma", "opt", "mistral", "qwen", "qwen3", "phi3")
 DECODERS += ("falcon", "bloom", "gpt_neo_x", "mixtral", "llama3")
