@@ -35,8 +35,9 @@ BACKBONES = {
     "llama": (M.LlamaBackbone, GQA),
     "gemma": (M.GemmaBackbone, {**GQA, "head_dim": 4}),
     "vit": (M.ViTBackbone, {**IMAGE, "hidden_dim": 16, "mlp_dim": 32}),
-    # Quick checks of more families. (Gemma3CausalLM is left out of the cache
-    # check: its `_build_cache` needs image arguments.)
+    # Quick checks of more families. (Gemma3, text-only as it has no
+    # `vision_encoder`, also runs test_hub.py's cached-decoding and generate
+    # tests: see CAUSAL_TASKS.)
     "opt": (M.OPTBackbone, {**MHA, "max_sequence_length": 32}),
     "mistral": (M.MistralBackbone, GQA),
     "qwen": (M.QwenBackbone, GQA),
@@ -96,6 +97,10 @@ TASKS = {
     "gemma": M.GemmaCausalLM,
     "vit": M.ViTImageClassifier,
 }
+# name -> causal LM class, for quick-check families that also run test_hub.py's
+# cached-decoding and generate tests (so they are left out of DECODERS, whose
+# quick cache test the former extends).
+CAUSAL_TASKS = {"gemma3": M.Gemma3CausalLM}
 DECODERS = ("gpt2", "llama", "gemma", "opt", "mistral", "qwen", "qwen3", "phi3")
 DECODERS += ("falcon", "bloom", "gpt_neo_x", "mixtral", "llama3")
 
@@ -107,7 +112,8 @@ def backbone(name):
 
 def task(name):
     kwargs = {"num_classes": 3} if name in ("bert", "vit") else {}
-    return TASKS[name](backbone=backbone(name), preprocessor=None, **kwargs)
+    cls = {**TASKS, **CAUSAL_TASKS}[name]
+    return cls(backbone=backbone(name), preprocessor=None, **kwargs)
 
 
 def inputs(model, seed=0):
@@ -187,7 +193,12 @@ def randomize(model, seed=0, std=0.3):
 
 def cached_steps(lm, token_ids):
     """Logits of `token_ids` fed one token at a time through the KV cache."""
-    _, cache = lm._build_cache(np.zeros_like(token_ids))
+    # Gemma3CausalLM's `_build_cache` also takes the image inputs and the
+    # padding mask, with no defaults; text only, they are None, as in its
+    # `generate_step`.
+    extra = ("img_embeddings", "vision_mask", "padding_mask", "vision_indices")
+    kwargs = dict.fromkeys(extra) if isinstance(lm, M.Gemma3CausalLM) else {}
+    _, cache = lm._build_cache(np.zeros_like(token_ids), **kwargs)
     steps = []
     for i in range(token_ids.shape[1]):
         logits, _, cache = lm.call_with_cache(token_ids[:, i : i + 1], cache, i)

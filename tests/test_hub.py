@@ -21,7 +21,7 @@ from keras_multimax import hub
 from keras_multimax.convert import to_multimax
 
 FAMILIES = tuple(H.TASKS)
-CAUSAL = ("gpt2", "llama", "gemma")
+CAUSAL = ("gpt2", "llama", "gemma", *H.CAUSAL_TASKS)
 TS0_BOUND, ACTIVE_BOUND, CACHE_BOUND = H.TS0_BOUND, H.ACTIVE_BOUND, H.CACHE_BOUND
 
 
@@ -130,11 +130,21 @@ def test_compiled_generate_equals_an_uncached_greedy_loop(name):
         "token_ids": np.concatenate([prompt, np.zeros((H.B, H.T - 3), "int32")], 1),
         "padding_mask": np.arange(H.T)[None].repeat(H.B, 0) < 3,
     }
+    samplers = ["top_k", keras_hub.samplers.BeamSampler(num_beams=2)]
+    if isinstance(new, keras_hub.models.Gemma3CausalLM):
+        # KerasHub 0.32's Gemma3CausalLM.generate_step, text only: it returns
+        # the `images` it was given, and with no preprocessor `generate` fails
+        # concatenating a None, so an empty image batch (also text only). Its
+        # `next` slices the prompt's padding mask with the beam-expanded batch
+        # size, so beam search fails in KerasHub's own SoftMax model too.
+        size = new.backbone.image_size
+        x["images"] = np.zeros((H.B, 0, size, size, 3), "float32")
+        samplers.pop()
     new.compile(sampler="greedy")
     out = new.generate(x, max_length=H.T, stop_token_ids=None)
     np.testing.assert_array_equal(_np(out["token_ids"]), expected)
     # The other samplers run on the MultiMax model too, keeping the prompt.
-    for sampler in ("top_k", keras_hub.samplers.BeamSampler(num_beams=2)):
+    for sampler in samplers:
         new.compile(sampler=sampler)
         out = _np(new.generate(x, max_length=H.T, stop_token_ids=None)["token_ids"])
         np.testing.assert_array_equal(out[:, :3], prompt)
