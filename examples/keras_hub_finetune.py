@@ -138,6 +138,11 @@ def build_model(args, train_text):
     if args.preset:
         print(f"Loading the KerasHub preset {args.preset!r}.")
         model = keras_hub.models.CausalLM.from_preset(args.preset)
+        if model.preprocessor is None:
+            raise ValueError(
+                "The preset has no preprocessor (tokenizer), which fine-tuning "
+                f"on text needs. Received: preset={args.preset!r}"
+            )
         # Models with learned position embeddings (GPT-2, OPT, ...) take at
         # most `max_sequence_length` tokens; longer batches fail in training
         # with a shape error deep in the position embedding.
