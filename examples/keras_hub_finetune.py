@@ -8,7 +8,8 @@ ships with CPython, ``pydoc_data.topics``, split 90/10 in order).
 
 - With ``--preset``, loads that KerasHub causal LM (``keras_hub.models.
   CausalLM.from_preset``: a local preset directory, or a handle KerasHub can
-  download) with its own tokenizer.
+  download) with its own tokenizer. A model with learned positions
+  (``max_sequence_length``, e.g. GPT-2) lowers ``--sequence-length`` to it.
 - Without it (nothing is downloaded), builds a small GPT-2 from its
   constructor with random weights and a byte-level BPE tokenizer learned
   from the training text, and says so.
@@ -21,7 +22,8 @@ preset, reloads it with KerasHub's own ``CausalLM.from_preset`` and checks
 that it generates the same text.
 
 About 2-4 minutes on 2 CPU cores with the defaults. ``--smoke`` runs a
-seconds-long version (tiny model, a few steps) used by the tests.
+seconds-long version (tiny model, a few steps) used by the tests; with
+``--preset`` it keeps the preset's model and only shortens the run.
 """
 
 from __future__ import annotations
@@ -136,6 +138,21 @@ def build_model(args, train_text):
     if args.preset:
         print(f"Loading the KerasHub preset {args.preset!r}.")
         model = keras_hub.models.CausalLM.from_preset(args.preset)
+        if model.preprocessor is None:
+            raise ValueError(
+                "The preset has no preprocessor (tokenizer), which fine-tuning "
+                f"on text needs. Received: preset={args.preset!r}"
+            )
+        # Models with learned position embeddings (GPT-2, OPT, ...) take at
+        # most `max_sequence_length` tokens; longer batches fail in training
+        # with a shape error deep in the position embedding.
+        limit = getattr(model.backbone, "max_sequence_length", None)
+        if limit is not None and args.sequence_length > limit:
+            print(
+                f"The preset takes at most {limit} tokens: --sequence-length "
+                f"{args.sequence_length} lowered to {limit}."
+            )
+            args.sequence_length = limit
         model.preprocessor.sequence_length = args.sequence_length
         return model
     print(

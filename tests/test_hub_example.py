@@ -1,5 +1,6 @@
-"""Smoke run of examples/keras_hub_finetune.py --smoke."""
+"""Runs of examples/keras_hub_finetune.py: --smoke, and --preset on a tiny local preset."""
 
+import json
 import os
 import re
 import subprocess
@@ -10,17 +11,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow  # about a minute: two tiny models trained, compiled, saved
-def test_keras_hub_finetune_smoke_run(tmp_path):
+def _run_example(tmp_path, *args):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
     result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "keras_hub_finetune.py"),
-            "--smoke",
-            "--output-dir",
-            str(tmp_path),
-        ],
+        [sys.executable, os.path.join(ROOT, "examples", "keras_hub_finetune.py")]
+        + [*args, "--output-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -28,11 +23,71 @@ def test_keras_hub_finetune_smoke_run(tmp_path):
         env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
-    assert "No --preset given" in out
+    return result.stdout
+
+
+def _assert_trained_generated_and_reloaded(out, tmp_path):
     assert "GPT2CausalLM -> MultiMaxGPT2CausalLM: MultiMax in 2 attention layers" in out
     perplexities = dict(re.findall(r"^(SoftMax|MultiMax) +([0-9.]+) ", out, re.M))
     assert set(perplexities) == {"SoftMax", "MultiMax"}
     assert all(1.0 < float(p) < 1e4 for p in perplexities.values())
     assert "gives back a MultiMaxGPT2CausalLM that generates the same text" in out
     assert os.path.exists(tmp_path / "multimax_preset" / "config.json")
+
+
+@pytest.mark.slow  # about a minute: two tiny models trained, compiled, saved
+def test_keras_hub_finetune_smoke_run(tmp_path):
+    out = _run_example(tmp_path, "--smoke")
+    assert "No --preset given" in out
+    _assert_trained_generated_and_reloaded(out, tmp_path)
+
+
+def _save_tiny_gpt2_preset(path, max_sequence_length):
+    """A GPT-2 preset of 265 tokens: GPT-2's 256 byte symbols, end, 8 merges."""
+    import keras_hub
+    from keras_hub.src.tokenizers.byte_pair_tokenizer import bytes_to_unicode
+
+    _, alphabet = bytes_to_unicode()
+    vocabulary = {"<|endoftext|>": 0, **{s: i + 1 for i, s in enumerate(alphabet)}}
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "r e"]
+    for merge in merges:
+        vocabulary[merge.replace(" ", "")] = len(vocabulary)
+    tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary, merges)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=max_sequence_length,
+    )
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
+        tokenizer, sequence_length=max_sequence_length
+    )
+    model = keras_hub.models.GPT2CausalLM(backbone, preprocessor=preprocessor)
+    model.save_to_preset(str(path))
+    return tokenizer.vocabulary_size()
+
+
+@pytest.mark.slow  # about 40 s: a preset loaded, two models trained, saved, reloaded
+def test_keras_hub_finetune_runs_a_local_preset(tmp_path):
+    preset = tmp_path / "tiny_gpt2"
+    # 12 positions, fewer than the 16 tokens of --smoke: the example must
+    # lower its sequence length to what the preset's model takes.
+    vocabulary_size = _save_tiny_gpt2_preset(preset, max_sequence_length=12)
+    out = _run_example(tmp_path, "--smoke", "--preset", str(preset))
+    assert f"Loading the KerasHub preset {str(preset)!r}" in out
+    assert "No --preset given" not in out
+    assert "at most 12 tokens: --sequence-length 16 lowered to 12" in out
+    _assert_trained_generated_and_reloaded(out, tmp_path)
+    # The saved model is the preset's, converted, with the preset's tokenizer.
+    saved = tmp_path / "multimax_preset"
+    with open(saved / "config.json") as f:
+        config = json.load(f)
+    assert config["registered_name"] == "keras_multimax>MultiMaxGPT2Backbone"
+    assert config["config"]["vocabulary_size"] == vocabulary_size
+    assert config["config"]["max_sequence_length"] == 12
+    for name in ("vocabulary.json", "merges.txt"):
+        tokenizer_file = os.path.join("assets", "tokenizer", name)
+        with open(saved / tokenizer_file) as a, open(preset / tokenizer_file) as b:
+            assert a.read() == b.read()
