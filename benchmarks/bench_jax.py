@@ -16,7 +16,7 @@ Usage (sets ``KERAS_BACKEND=jax`` itself; a few minutes on 2 cores)::
     python benchmarks/bench_jax.py [--runs 10] [--no-e2e]
 
 With glibc's default malloc, some processes refault every 15 MB buffer on
-every call, which moves the op ratios by up to a third; to measure without
+every call, which moved the op ratios by up to 40 % here; to measure without
 (``benchmarks/README.md``, "Page faults")::
 
     MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 \
