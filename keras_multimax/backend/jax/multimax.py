@@ -208,12 +208,15 @@ def _backward(x, gs, ranges, ts):
 
 
 # The MultiMax backward reads x, y and dy and writes ∂L/∂x, with several
-# x-sized temporaries in between (∂L/∂σ, the partial sums). Whole, they spill
-# from the CPU caches and every pass goes to memory; the backward then runs
+# x-sized temporaries in between (∂L/∂σ, the partial sums). On the CPU it runs
 # over slices of the leading axis of about this many bytes each, in a loop
-# whose temporaries stay in cache (forward+backward at [16, 6, 197, 197]:
-# 23-25 ms whole, 11-14 ms in 4 slices, on this 32 MiB-L3 CPU). On GPU and TPU the
-# loop is not used: their memory is fast and their kernels want large shapes.
+# whose temporaries are slice-sized. That matters mostly through glibc's
+# malloc: large temporaries land in per-thread arenas whose heaps are unmapped
+# when empty, so every call refaults them page by page. Forward+backward at
+# [16, 6, 197, 197]: 1.5-1.8x faster in 4 slices than whole with the default
+# allocator, 6-10 % slower when the allocator keeps its memory
+# (benchmarks/README.md, "Page faults"). On GPU and TPU the loop is not used:
+# their memory is fast and their kernels want large shapes.
 _SLICE_BYTES = 4 << 20
 
 
