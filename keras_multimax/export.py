@@ -411,8 +411,9 @@ def export_all(
         Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
         Learning", ICML 2024.
     """
-    skipped = unsupported_formats() if formats is None else {}
+    skipped = {}
     if formats is None:
+        skipped = unsupported_formats()
         formats = tuple(f for f in FORMATS if f not in skipped)
     formats = tuple(formats)
     unknown = [f for f in formats if f not in _RUNNERS]
