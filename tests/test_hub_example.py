@@ -91,3 +91,19 @@ def test_keras_hub_finetune_runs_a_local_preset(tmp_path):
         tokenizer_file = os.path.join("assets", "tokenizer", name)
         with open(saved / tokenizer_file) as a, open(preset / tokenizer_file) as b:
             assert a.read() == b.read()
+
+
+def test_keras_hub_finetune_rejects_a_preset_with_no_preprocessor(tmp_path):
+    import importlib.util
+
+    import hub_models as H
+
+    spec = importlib.util.spec_from_file_location(
+        "keras_hub_finetune", os.path.join(ROOT, "examples", "keras_hub_finetune.py")
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    H.task("gpt2").save_to_preset(str(tmp_path))  # preprocessor=None
+    args = example.parse_args(["--preset", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"no preprocessor.*preset='.*'"):
+        example.build_model(args, "some text")
