@@ -36,11 +36,12 @@ SHAPES = {
     "small": (256, 10),  # a 10-class output layer
 }
 MODES = ("eager", "graph", "xla")
-# "forward" is inference (no gradient tape: plain ops by default since issue
-# 13, the fused kernel after `keras_multimax.config.enable_fused_forward()`);
-# "forward (plain ops)" is the forward that exported graphs hold (traced inside
-# `ops.plain_ops()`); "forward (tape)" is the forward of a training step (the
-# fused kernel), recorded by a tape without computing gradients.
+# "forward" is inference (plain ops by default since 0.3.0, in training and
+# inference alike; the fused kernel after
+# `keras_multimax.config.enable_fused_forward()`); "forward (plain ops)" is
+# the forward that exported graphs hold (traced inside
+# `config.plain_forward()`); "forward (tape)" is the forward of a training
+# step, recorded by a tape without computing gradients.
 PASSES = ("forward", "forward (plain ops)", "forward (tape)", "forward+backward")
 # Active modulator: thresholds at ±1 (order 1) and ±2 (order 2), slopes > 0.
 RANGES = np.array([-1.0, 1.0, -2.0, 2.0], "float32")
@@ -80,7 +81,7 @@ def _variant(kind: str, order: int | None, x, dy, pass_: str):
     if pass_ == "forward (plain ops)":
 
         def exported():
-            with ops.plain_ops():  # entered while tracing in graph/XLA modes
+            with config.plain_forward():  # entered while tracing in graph/XLA modes
                 return forward(x, ranges, ts)
 
         return exported

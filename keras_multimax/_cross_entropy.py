@@ -10,7 +10,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-__all__ = ["default_chunk_size", "multimax_cross_entropy"]
+from keras_multimax._symbolic import is_symbolic
+from keras_multimax._symbolic import spec
+
+__all__ = ["MultiMaxCrossEntropy", "default_chunk_size", "multimax_cross_entropy"]
 
 # The chunk's float32 buffers (logits, σ, probabilities, ∂L/∂σ, ∂L/∂z and the
 # parameter factors: about 8 of [tokens, chunk] at once in the backward) are
@@ -44,12 +47,12 @@ def default_chunk_size(tokens: int | None, vocab_size: int) -> int:
     return int(min(max(chunk, _CHUNK_MULTIPLE), vocab_size))
 
 
-def _float(x, name: str):
+def _float(x, name: str, symbolic: bool = False):
     if x is None:
         raise TypeError(
             f"`{name}` must be a floating-point tensor, not None. Received: {name}=None"
         )
-    x = keras.ops.convert_to_tensor(x)
+    x = spec(x, name) if symbolic else keras.ops.convert_to_tensor(x)
     dtype = keras.backend.standardize_dtype(x.dtype)
     if "float" not in dtype:
         raise TypeError(
@@ -88,6 +91,125 @@ def _check_labels(values, vocab: int, ignore_index) -> None:
             f"`ignore_index` ({ignore_index}). Received: labels with "
             f"{int(bad.sum())} value(s) out of range, e.g. {values[bad][:5].tolist()}"
         )
+
+
+def _checked(
+    hidden, kernel, labels, ranges, ts, bias, chunk_size, ignore_index, symbolic=False
+):
+    """The arguments of `multimax_cross_entropy`, checked (tensors, or specs
+    with ``shape`` and ``dtype`` if ``symbolic``)."""
+    hidden = _float(hidden, "hidden", symbolic)
+    kernel = _float(kernel, "kernel", symbolic)
+    ranges = _float(ranges, "ranges", symbolic)
+    ts = _float(ts, "ts", symbolic)
+    if bias is not None:
+        bias = _float(bias, "bias", symbolic)
+    if labels is None:
+        raise TypeError(
+            "`labels` must be an integer tensor, not None. Received: labels=None"
+        )
+    labels = spec(labels, "labels") if symbolic else keras.ops.convert_to_tensor(labels)
+    label_dtype = keras.backend.standardize_dtype(labels.dtype)
+    if "int" not in label_dtype:
+        raise TypeError(
+            f"`labels` must be an integer tensor of token ids. "
+            f"Received: labels.dtype={label_dtype}"
+        )
+    chunk_size = int_option(chunk_size, "chunk_size", 1)
+    ignore_index = int_option(ignore_index, "ignore_index", None)
+
+    h_shape = tuple(hidden.shape)
+    k_shape = tuple(kernel.shape)
+    if len(h_shape) < 1 or h_shape[-1] is None:
+        raise ValueError(
+            "`hidden` must have rank >= 1 and a static last dimension (the "
+            f"width). Received: hidden.shape={h_shape}"
+        )
+    if len(k_shape) != 2 or None in k_shape:
+        raise ValueError(
+            "`kernel` must be a (width, vocab_size) matrix with a static shape. "
+            f"Received: kernel.shape={k_shape}"
+        )
+    if k_shape[0] != h_shape[-1]:
+        raise ValueError(
+            "The first dimension of `kernel` must equal the last dimension of "
+            f"`hidden`. Received: hidden.shape={h_shape}, kernel.shape={k_shape}"
+        )
+    l_shape = tuple(labels.shape)
+    if len(l_shape) != len(h_shape) - 1 or any(
+        a is not None and b is not None and a != b for a, b in zip(l_shape, h_shape)
+    ):
+        raise ValueError(
+            "`labels` must have the shape of `hidden` without its last "
+            f"dimension. Received: hidden.shape={h_shape}, labels.shape={l_shape}"
+        )
+    r_shape, t_shape = tuple(ranges.shape), tuple(ts.shape)
+    if len(t_shape) != 1 or t_shape[0] is None or t_shape[0] < 2 or t_shape[0] % 2:
+        raise ValueError(
+            "`ts` must be a vector of static, even length 2*order (order >= 1), "
+            f"shared by every logit. Received: ts.shape={t_shape}"
+        )
+    if r_shape != t_shape:
+        raise ValueError(
+            "`ranges` and `ts` must have the same shape. "
+            f"Received: ranges.shape={r_shape}, ts.shape={t_shape}"
+        )
+    vocab = k_shape[1]
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(
+            "`bias` must have shape (vocab_size,) = (kernel.shape[1],). "
+            f"Received: bias.shape={tuple(bias.shape)}, kernel.shape={k_shape}"
+        )
+
+    return hidden, kernel, labels, ranges, ts, bias, chunk_size, ignore_index
+
+
+@keras.saving.register_keras_serializable(
+    package="keras_multimax", name="ops.MultiMaxCrossEntropy"
+)
+class MultiMaxCrossEntropy(keras.Operation):
+    """The operation behind `multimax_cross_entropy`: a node of a Functional model."""
+
+    def __init__(self, chunk_size=None, ignore_index=None, *, name=None):
+        super().__init__(name=name)
+        self.chunk_size = int_option(chunk_size, "chunk_size", 1)
+        self.ignore_index = int_option(ignore_index, "ignore_index", None)
+
+    def call(self, hidden, kernel, labels, ranges, ts, bias=None):
+        return multimax_cross_entropy(
+            hidden,
+            kernel,
+            labels,
+            ranges,
+            ts,
+            bias,
+            chunk_size=self.chunk_size,
+            ignore_index=self.ignore_index,
+        )
+
+    def compute_output_spec(self, hidden, kernel, labels, ranges, ts, bias=None):
+        hidden, _, labels, *_ = _checked(
+            hidden,
+            kernel,
+            labels,
+            ranges,
+            ts,
+            bias,
+            self.chunk_size,
+            self.ignore_index,
+            symbolic=True,
+        )
+        dtype = keras.backend.standardize_dtype(hidden.dtype)
+        return keras.KerasTensor(
+            labels.shape, dtype="float64" if dtype == "float64" else "float32"
+        )
+
+    def get_config(self):
+        return {
+            "chunk_size": self.chunk_size,
+            "ignore_index": self.ignore_index,
+            "name": self.name,
+        }
 
 
 def multimax_cross_entropy(
@@ -174,69 +296,14 @@ def multimax_cross_entropy(
         Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
         Learning", ICML 2024.
     """
-    hidden = _float(hidden, "hidden")
-    kernel = _float(kernel, "kernel")
-    ranges = _float(ranges, "ranges")
-    ts = _float(ts, "ts")
-    if bias is not None:
-        bias = _float(bias, "bias")
-    if labels is None:
-        raise TypeError(
-            "`labels` must be an integer tensor, not None. Received: labels=None"
-        )
-    labels = keras.ops.convert_to_tensor(labels)
-    label_dtype = keras.backend.standardize_dtype(labels.dtype)
-    if "int" not in label_dtype:
-        raise TypeError(
-            f"`labels` must be an integer tensor of token ids. "
-            f"Received: labels.dtype={label_dtype}"
-        )
-    chunk_size = int_option(chunk_size, "chunk_size", 1)
-    ignore_index = int_option(ignore_index, "ignore_index", None)
-
-    h_shape = tuple(hidden.shape)
-    k_shape = tuple(kernel.shape)
-    if len(h_shape) < 1 or h_shape[-1] is None:
-        raise ValueError(
-            "`hidden` must have rank >= 1 and a static last dimension (the "
-            f"width). Received: hidden.shape={h_shape}"
-        )
-    if len(k_shape) != 2 or None in k_shape:
-        raise ValueError(
-            "`kernel` must be a (width, vocab_size) matrix with a static shape. "
-            f"Received: kernel.shape={k_shape}"
-        )
-    if k_shape[0] != h_shape[-1]:
-        raise ValueError(
-            "The first dimension of `kernel` must equal the last dimension of "
-            f"`hidden`. Received: hidden.shape={h_shape}, kernel.shape={k_shape}"
-        )
-    l_shape = tuple(labels.shape)
-    if len(l_shape) != len(h_shape) - 1 or any(
-        a is not None and b is not None and a != b for a, b in zip(l_shape, h_shape)
-    ):
-        raise ValueError(
-            "`labels` must have the shape of `hidden` without its last "
-            f"dimension. Received: hidden.shape={h_shape}, labels.shape={l_shape}"
-        )
-    r_shape, t_shape = tuple(ranges.shape), tuple(ts.shape)
-    if len(t_shape) != 1 or t_shape[0] is None or t_shape[0] < 2 or t_shape[0] % 2:
-        raise ValueError(
-            "`ts` must be a vector of static, even length 2*order (order >= 1), "
-            f"shared by every logit. Received: ts.shape={t_shape}"
-        )
-    if r_shape != t_shape:
-        raise ValueError(
-            "`ranges` and `ts` must have the same shape. "
-            f"Received: ranges.shape={r_shape}, ts.shape={t_shape}"
-        )
-    vocab = k_shape[1]
-    if bias is not None and tuple(bias.shape) != (vocab,):
-        raise ValueError(
-            "`bias` must have shape (vocab_size,) = (kernel.shape[1],). "
-            f"Received: bias.shape={tuple(bias.shape)}, kernel.shape={k_shape}"
-        )
-
+    if is_symbolic(hidden, kernel, labels, ranges, ts, bias):
+        return MultiMaxCrossEntropy(
+            chunk_size=chunk_size, ignore_index=ignore_index
+        ).symbolic_call(hidden, kernel, labels, ranges, ts, bias)
+    hidden, kernel, labels, ranges, ts, bias, chunk_size, ignore_index = _checked(
+        hidden, kernel, labels, ranges, ts, bias, chunk_size, ignore_index
+    )
+    h_shape, vocab = tuple(hidden.shape), kernel.shape[1]
     tokens = None if None in h_shape[:-1] else int(np.prod(h_shape[:-1], dtype=int))
     chunk = min(chunk_size, vocab) if chunk_size else default_chunk_size(tokens, vocab)
 

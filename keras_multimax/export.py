@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_multimax import ops
+from keras_multimax import config
 
 __all__ = [
     "FORMATS",
@@ -362,7 +362,10 @@ def export_all(
     ``litert_dynamic_range`` variant stores large weight matrices as int8.
     The SavedModel keeps the closed-form MultiMax gradients and reloads
     without keras_multimax; the ``.keras`` file needs ``import
-    keras_multimax`` before `keras.saving.load_model`.
+    keras_multimax`` before `keras.saving.load_model`. Graphs are traced with
+    the plain-op TensorFlow forward: if
+    `keras_multimax.config.enable_fused_forward` is on, it is turned off
+    while each format is written and back on after.
 
     On ``KERAS_BACKEND=jax`` the SavedModel is converted by jax2tf and
     checked in TensorFlow the same way, and ONNX is converted by jax2onnx;
@@ -459,7 +462,7 @@ def export_all(
     results = []
     for fmt in formats:
         path = os.path.join(directory, _FILES[fmt])
-        with ops.plain_ops():  # exported graphs hold no XLA kernels
+        with config.plain_forward():  # exported graphs hold no XLA kernels
             run = _RUNNERS[fmt](model, path, arrays)
         diff = float(np.max(np.abs(np.asarray(run(), np.float64) - reference)))
         results.append(

@@ -6,6 +6,12 @@ backends in ``keras_multimax/backend/<name>/multimax.py``, and the formula in
 ``keras_multimax/_formula.py``. Layers hold weights and configuration and
 call the functions below. Supported backends: TensorFlow and JAX.
 
+As in `keras.ops`, each function is also a `keras.Operation` (`MultiMax`,
+`SegLU`, `MultiMaxCrossEntropy`): called on symbolic inputs
+(``keras.Input``), it checks their shapes and dtypes and returns a
+`keras.KerasTensor`, so that Functional models can be built from it and
+saved (the operations are registered serializable).
+
 Notation (Zhou, Fritz & Keuper, ICML 2024): for order ``K`` the parameters are
 two vectors of length ``2K``. ``ranges[2k]``/``ranges[2k+1]`` are the lower and
 upper thresholds ``b`` and ``d`` of order ``k+1``; ``ts[2k]``/``ts[2k+1]`` are
@@ -15,21 +21,36 @@ their slopes ``t_b`` and ``t_d``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 
+import keras
 import numpy as np
 from keras import backend
 
+from keras_multimax import config
+from keras_multimax._cross_entropy import MultiMaxCrossEntropy
 from keras_multimax._cross_entropy import multimax_cross_entropy
+from keras_multimax._symbolic import broadcast_shapes
+from keras_multimax._symbolic import is_symbolic
+from keras_multimax._symbolic import spec
 from keras_multimax.backend import load_backend_module
 
 _impl = load_backend_module("multimax")
 
 TensorLike = Any
 
-__all__ = ["multimax", "multimax_cross_entropy", "plain_ops", "seglu"]
+__all__ = [
+    "MultiMax",
+    "MultiMaxCrossEntropy",
+    "SegLU",
+    "multimax",
+    "multimax_cross_entropy",
+    "plain_ops",
+    "seglu",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -64,12 +85,14 @@ def _to_tensor(value, name: str):
         ) from None
 
 
-def _float_tensor(x, name: str):
+def _float_tensor(x, name: str, symbolic: bool = False):
+    """``x`` as a tensor (a spec with ``shape`` and ``dtype`` if ``symbolic``),
+    checked to be floating-point."""
     if x is None:
         raise TypeError(
             f"`{name}` must be a floating-point tensor, not None. Received: {name}=None"
         )
-    x = _to_tensor(x, name)
+    x = spec(x, name) if symbolic else _to_tensor(x, name)
     dtype = _dtype_name(x.dtype)
     if dtype in ("string", "object") or not backend.is_float_dtype(dtype):
         raise TypeError(
@@ -175,18 +198,22 @@ _MASK_MESSAGE = (
 )
 
 
-def _prepare_mask(mask, x):
-    mask = _to_tensor(mask, "mask")
-    dtype = _dtype_name(mask.dtype)
-    if dtype != "bool":
-        if dtype in ("string", "object") or not (
-            backend.is_float_dtype(dtype) or backend.is_int_dtype(dtype)
-        ):
-            raise TypeError(
-                "`mask` must be boolean or numeric (kept where > 0.5). "
-                f"Received: mask.dtype={dtype}"
-            )
-        mask = _impl.greater_than_half(mask)
+def _mask_dtype(dtype) -> str:
+    dtype = _dtype_name(dtype)
+    if dtype != "bool" and (
+        dtype in ("string", "object")
+        or not (backend.is_float_dtype(dtype) or backend.is_int_dtype(dtype))
+    ):
+        raise TypeError(
+            "`mask` must be boolean or numeric (kept where > 0.5). "
+            f"Received: mask.dtype={dtype}"
+        )
+    return dtype
+
+
+def _check_mask(mask, x) -> bool:
+    """Checks the static shape of `mask` against `x`; returns whether some
+    dimension is only known when the graph runs."""
     if _rank(mask) is None:
         raise ValueError(
             "`mask` must have a known rank (it broadcasts against `x` from the "
@@ -204,7 +231,14 @@ def _prepare_mask(mask, x):
                 f"{_MASK_MESSAGE} Received: x.shape={x.shape}, mask.shape={mask.shape}"
             )
         unknown |= m_dim is None or (x_dim is None and m_dim != 1)
-    if unknown:
+    return unknown
+
+
+def _prepare_mask(mask, x):
+    mask = _to_tensor(mask, "mask")
+    if _mask_dtype(mask.dtype) != "bool":
+        mask = _impl.greater_than_half(mask)
+    if _check_mask(mask, x):
         # Shapes only known when the graph runs (TensorFlow graphs with
         # `None` dimensions): check them then, since a mask larger than `x`
         # on some axis would silently grow the output.
@@ -212,12 +246,61 @@ def _prepare_mask(mask, x):
     return mask
 
 
-def _prepare(x, ranges, ts):
-    x = _float_tensor(x, "x")
-    ranges = _float_tensor(ranges, "ranges")
-    ts = _float_tensor(ts, "ts")
+def _prepare(x, ranges, ts, symbolic: bool = False):
+    x = _float_tensor(x, "x", symbolic)
+    ranges = _float_tensor(ranges, "ranges", symbolic)
+    ts = _float_tensor(ts, "ts", symbolic)
     _check_parameters(x, ranges, ts)
     return x, ranges, ts
+
+
+def _output_spec(x, ranges) -> keras.KerasTensor:
+    """Shape (``x`` broadcast against the parameters' leading dimensions) and
+    dtype of the outputs of `seglu` and `multimax`."""
+    shape = broadcast_shapes(_dims(x), _dims(ranges)[:-1])
+    return keras.KerasTensor(shape, dtype=_dtype_name(x.dtype))
+
+
+# ---------------------------------------------------------------------------
+# Operations (symbolic calls, as `keras.ops`)
+# ---------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="keras_multimax", name="ops.SegLU")
+class SegLU(keras.Operation):
+    """The operation behind `seglu`: a node of a Functional model."""
+
+    def call(self, x, ranges, ts):
+        return seglu(x, ranges, ts)
+
+    def compute_output_spec(self, x, ranges, ts):
+        x, ranges, ts = _prepare(x, ranges, ts, symbolic=True)
+        return _output_spec(x, ranges)
+
+
+@keras.saving.register_keras_serializable(package="keras_multimax", name="ops.MultiMax")
+class MultiMax(keras.Operation):
+    """The operation behind `multimax`: a node of a Functional model."""
+
+    def __init__(self, axis: int | Sequence[int] = -1, *, name: str | None = None):
+        super().__init__(name=name)
+        axes = _normalize_axis(axis, None)
+        self.axis = axes if isinstance(axis, (tuple, list)) else axes[0]
+
+    def call(self, x, ranges, ts, mask=None):
+        return multimax(x, ranges, ts, axis=self.axis, mask=mask)
+
+    def compute_output_spec(self, x, ranges, ts, mask=None):
+        x, ranges, ts = _prepare(x, ranges, ts, symbolic=True)
+        _normalize_axis(self.axis, _rank(x))
+        if mask is not None:
+            mask = spec(mask, "mask")
+            _mask_dtype(mask.dtype)
+            _check_mask(mask, x)
+        return _output_spec(x, ranges)
+
+    def get_config(self):
+        return {"axis": self.axis, "name": self.name}
 
 
 # ---------------------------------------------------------------------------
@@ -262,6 +345,8 @@ def seglu(x: TensorLike, ranges: TensorLike, ts: TensorLike):
         Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
         Learning", ICML 2024.
     """
+    if is_symbolic(x, ranges, ts):
+        return SegLU().symbolic_call(x, ranges, ts)
     x, ranges, ts = _prepare(x, ranges, ts)
     return _impl.seglu(x, ranges, ts)
 
@@ -285,11 +370,10 @@ def multimax(
     `jax.custom_vjp` on JAX); the backward pass keeps only the input and the
     output.
 
-    On TensorFlow the forward of a training step (under a gradient tape) runs
-    as one fused XLA kernel; inference and exported graphs use the same
-    formula as plain builtin ops unless
-    `keras_multimax.config.enable_fused_forward` was called (see there and
-    `plain_ops`). On JAX, `jax.jit` fuses the whole op.
+    On TensorFlow the forward is the formula as plain builtin ops, in
+    training and inference alike, unless
+    `keras_multimax.config.enable_fused_forward` was called (see there); the
+    backward is fused XLA kernels. On JAX, `jax.jit` fuses the whole op.
 
     Masked entries (``mask`` False, or <= 0.5 for numeric masks) are removed
     *after* the modulation: they get exactly zero probability and zero
@@ -311,6 +395,15 @@ def multimax(
     >>> np.round(keras.ops.convert_to_numpy(y), 4)
     array([[0.1192, 0.8808, 0.    ]], dtype=float32)
 
+    On symbolic inputs it returns a symbolic output, as `keras.ops.softmax`
+    does, so Functional models can be built from it:
+
+    >>> inputs = keras.Input((3,))
+    >>> outputs = multimax(inputs, ranges, ts)
+    >>> outputs.shape, outputs.dtype
+    ((None, 3), 'float32')
+    >>> model = keras.Model(inputs, outputs)
+
     Args:
         x: Floating-point tensor of scores (logits).
         ranges: Thresholds of the modulator, shape ``(..., 2*K)``; leading
@@ -328,6 +421,8 @@ def multimax(
         Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
         Learning", ICML 2024.
     """
+    if is_symbolic(x, ranges, ts, mask):
+        return MultiMax(axis).symbolic_call(x, ranges, ts, mask)
     x, ranges, ts = _prepare(x, ranges, ts)
     axes = _normalize_axis(axis, _rank(x))
     if mask is not None:
@@ -337,30 +432,23 @@ def multimax(
 
 @contextlib.contextmanager
 def plain_ops() -> Iterator[None]:
-    """Traces `multimax` and `seglu` as plain builtin ops inside this context.
+    """Deprecated: the TensorFlow forward is plain builtin ops by default now.
 
-    On TensorFlow the forward of a training step is one fused XLA kernel (a
-    nested ``tf.function(jit_compile=True)``), and so is every forward once
-    `keras_multimax.config.enable_fused_forward` was called. tf2onnx cannot
-    convert such a graph and TF Serving on CPU does not run it. Graphs traced
-    inside this context hold plain builtin ops whatever the switch says: use
-    it to export with the switch on, or to trace a forward under a gradient
-    tape for export (`keras_multimax.export.export_all` enters it):
-
-    >>> import tensorflow as tf
-    >>> @tf.function(input_signature=[tf.TensorSpec([None, 3])])
-    ... def probabilities(x):
-    ...     return multimax(x, [0.0, 0.0], [0.1, -0.1])
-    >>> with plain_ops():
-    ...     graph = probabilities.get_concrete_function().graph
-    >>> "PartitionedCall" in {op.type for op in graph.get_operations()}
-    False
-
-    The context is process-wide (it also covers the threads in which
-    `tf.distribute` traces replicas). Gradients keep their fused kernels
-    (gradient graphs only run in TensorFlow). Values agree with the kernel to
-    float rounding. On JAX there is no separate kernel (`jax.jit` compiles
-    the whole program) and this context changes nothing.
+    In 0.2.0 the forward of a training step was a fused XLA kernel, and
+    graphs traced for export had to be traced inside this context. Since
+    0.3.0 the forward is plain builtin ops unless
+    `keras_multimax.config.enable_fused_forward` was called. This context
+    still does what it did: it turns that switch off (in this thread) while
+    it is entered, as `keras_multimax.config.plain_forward` does. It will be
+    removed in 0.4.0: use `keras_multimax.config.plain_forward` instead.
     """
-    with _impl.plain_ops():
+    warnings.warn(
+        "`keras_multimax.ops.plain_ops` is deprecated and will be removed in "
+        "0.4.0: the TensorFlow forward is plain builtin ops unless "
+        "`keras_multimax.config.enable_fused_forward()` was called. Use "
+        "`keras_multimax.config.plain_forward()` instead.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    with config.plain_forward():
         yield

@@ -8,7 +8,6 @@ sequence dimensions are dynamic.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -16,9 +15,9 @@ import textwrap
 
 import keras
 import numpy as np
+from switches import fused_forward
 
 from keras_multimax import layers
-from keras_multimax import ops
 
 # name -> what the model exercises.
 MODELS = {
@@ -105,13 +104,12 @@ def keras_outputs(
 ) -> np.ndarray:
     """The model's outputs, by default from the plain-op forward of exports.
 
-    Exported graphs hold the plain-op forward (`ops.plain_ops`); the default
-    forward (the XLA kernel, ``plain=False``) agrees with it to float32
-    rounding, which exp() amplifies where the modulator reaches hundreds. That
+    Exported graphs hold the plain-op forward (the default); the fused forward
+    (the XLA kernel, ``plain=False``) agrees with it to float32 rounding,
+    which exp() amplifies where the modulator reaches hundreds. That
     agreement is tested in test_ops.py (every mode against float64 references).
     """
-    context = ops.plain_ops() if plain else contextlib.nullcontext()
-    with context:
+    with fused_forward(not plain):
         return keras.ops.convert_to_numpy(
             model(inputs if len(inputs) > 1 else inputs[0], training=False)
         )

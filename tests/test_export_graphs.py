@@ -1,19 +1,15 @@
 """Exported graphs hold the plain-op forward, never the fused XLA kernel.
 
-The TensorFlow forward of `ops.multimax`/`ops.seglu` is a nested
-``tf.function(jit_compile=True)`` in training steps (under a gradient tape)
-and, after `keras_multimax.config.enable_fused_forward()`, everywhere.
-tf2onnx cannot convert a call to such a function and a SavedModel server
-without XLA's CPU JIT cannot run it, so every export path must trace plain
-ops with no action from the user: the exporters trace without a tape, and
-`ops.plain_ops` keeps the kernel out even with the switch on. Each test walks
-the functions reachable from the exported forward graph and looks for the
-``_XlaMustCompile`` mark; positive controls show the walk finds the kernel in
-a graph traced under a tape or with the switch on.
+The TensorFlow forward of `ops.multimax`/`ops.seglu` is plain builtin ops,
+with or without a gradient tape, and a nested ``tf.function(jit_compile=
+True)`` after `keras_multimax.config.enable_fused_forward()` only. tf2onnx
+cannot convert a call to such a function and a SavedModel server without
+XLA's CPU JIT cannot run it, so every export path must trace plain ops:
+by default it does, and `config.plain_forward` keeps the kernel out with the
+switch on. Each test walks the functions reachable from the exported forward
+graph and looks for the ``_XlaMustCompile`` mark; positive controls show the
+walk finds the kernel in a graph traced with the switch on.
 """
-
-import inspect
-import pathlib
 
 import keras
 import numpy as np
@@ -24,7 +20,6 @@ import tf2onnx
 from export_models import MODELS
 from export_models import build_model
 from export_models import keras_outputs
-from export_models import run_fresh_python
 from export_models import sample_inputs
 from tolerances import assert_close
 from tolerances import assert_defect_caught
@@ -96,19 +91,23 @@ def graph_kernels(model, under_tape=False) -> set:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_kernel_only_under_a_tape_or_the_switch_and_never_in_plain_ops(name):
+def test_kernel_only_with_the_switch_and_never_in_plain_forward(name):
     """The rule, with positive controls: the walk finds the kernel where it is."""
     model = build_model(name)
-    assert not graph_kernels(model)  # inference: plain ops by default
-    assert graph_kernels(model, under_tape=True)  # a training step: the kernel
-    with ops.plain_ops():
-        assert not graph_kernels(model, under_tape=True)
+    # The default: plain ops, in inference and in a training step alike.
+    assert not graph_kernels(model)
+    assert not graph_kernels(model, under_tape=True)
     config.enable_fused_forward()
     try:
         assert graph_kernels(model)  # the explicit opt-in
-        with ops.plain_ops(), ops.plain_ops():
+        assert graph_kernels(model, under_tape=True)
+        with config.plain_forward(), config.plain_forward():
             assert not graph_kernels(model)
-        # Nested and re-entered contexts restore the switch on exit.
+        # Nested and re-entered blocks restore the switch on exit.
+        assert graph_kernels(model)
+        with pytest.warns(DeprecationWarning, match="plain_ops"):
+            with ops.plain_ops():  # the 0.2.0 name still works, for one release
+                assert not graph_kernels(model)
         assert graph_kernels(model)
     finally:
         config.disable_fused_forward()
@@ -168,12 +167,12 @@ def test_tf2onnx_from_keras_converts(name):
     )
 
 
-def test_function_traced_with_the_switch_on_needs_plain_ops():
+def test_function_traced_with_the_switch_on_needs_plain_forward():
     """tf2onnx receives an already traced graph: a fused one does not convert.
 
     The control shows that with the switch on the traced kernel reaches
-    tf2onnx as an unsupported ``PartitionedCall``; `plain_ops` (or the
-    default) gives a graph that converts.
+    tf2onnx as an unsupported ``PartitionedCall``; `config.plain_forward`
+    (or the default) gives a graph that converts.
     """
     model = build_model("multimax")
     inputs = sample_inputs("multimax")
@@ -188,7 +187,7 @@ def test_function_traced_with_the_switch_on_needs_plain_ops():
     finally:
         config.disable_fused_forward()
 
-    with ops.plain_ops():
+    with config.plain_forward():
         traced = tf.function(call(model), input_signature=signature)
         traced.get_concrete_function()
     proto, _ = tf2onnx.convert.from_function(traced, input_signature=signature)
@@ -229,7 +228,9 @@ def test_kernel_and_plain_ops_agree_on_a_model():
     assert_close(fused, keras_outputs(model, inputs), *SAME_OPS)
 
 
-def test_saved_model_signature_traced_with_the_switch_on_needs_plain_ops(tmp_path):
+def test_saved_model_signature_traced_with_the_switch_on_needs_plain_forward(
+    tmp_path,
+):
     """A ConcreteFunction passed as ``signatures=`` keeps what it was traced with."""
     model = build_model("multimax")
     module = tf.Module()
@@ -241,7 +242,7 @@ def test_saved_model_signature_traced_with_the_switch_on_needs_plain_ops(tmp_pat
         tf.saved_model.save(
             module, str(tmp_path / "a"), signatures=serve.get_concrete_function()
         )
-        with ops.plain_ops():
+        with config.plain_forward():
             concrete = tf.function(
                 call(model), input_signature=input_signature(model)
             ).get_concrete_function()
@@ -255,63 +256,24 @@ def test_saved_model_signature_traced_with_the_switch_on_needs_plain_ops(tmp_pat
     assert not xla_kernels(signature.graph.as_graph_def())
 
 
-def test_eager_inference_compiles_no_kernel_and_training_does():
-    """Eager inference would compile the kernel for every new shape: plain ops."""
+def test_eager_calls_compile_the_kernel_only_with_the_switch():
+    """Without the switch no call compiles the kernel, with a tape or without;
+    with it, each new input shape does (traced once per shape)."""
     kernel = tf_multimax._forward_kernel
     ranges = tf.constant([-1.0, 1.0, -2.0, 2.0])
     ts = tf.constant([0.3, 0.4, 0.1, 0.2])
     before = kernel.experimental_get_tracing_count()
     for length in (3, 4, 5):
         ops.multimax(tf.ones([2, length]), ranges, ts)
-    assert kernel.experimental_get_tracing_count() == before
     x = tf.ones([2, 6])
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = ops.multimax(x, ranges, ts)
-    assert kernel.experimental_get_tracing_count() == before + 1
     assert tape.gradient(y, x) is not None
-
-
-MIRRORED_CHILD = """
-import sys
-sys.path[:0] = [{tests!r}, {tests!r} + "/.."]  # this checkout's keras_multimax
-import tensorflow as tf
-
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-)
-from export_models import build_model
-from test_export_graphs import call, input_signature, xla_kernels
-from keras_multimax import config
-from keras_multimax import ops
-
-config.enable_fused_forward()  # the kernel in inference graphs: the control
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-with strategy.scope():
-    model = build_model("attention")
-
-
-def serve(x):
-    per_replica = strategy.run(call(model), args=(x,))
-    return strategy.gather(per_replica, axis=0)
-
-
-def kernels():
-    fn = tf.function(serve, input_signature=input_signature(model))
-    return xla_kernels(fn.get_concrete_function().graph.as_graph_def())
-
-
-default = kernels()
-with ops.plain_ops():
-    plain = kernels()
-print(bool(default), bool(plain))
-"""
-
-
-@pytest.mark.slow
-def test_plain_ops_reaches_mirrored_replica_threads(tmp_path):
-    """`strategy.run` traces each replica in its own thread (switch on)."""
-    tests = str(pathlib.Path(inspect.getfile(xla_kernels)).parent)
-    out = run_fresh_python(MIRRORED_CHILD.format(tests=tests), cwd=str(tmp_path))
-    assert out.split() == ["True", "False"], out
+    assert kernel.experimental_get_tracing_count() == before
+    config.enable_fused_forward()
+    try:
+        ops.multimax(tf.ones([2, 7]), ranges, ts)
+    finally:
+        config.disable_fused_forward()
+    assert kernel.experimental_get_tracing_count() == before + 1

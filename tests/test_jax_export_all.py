@@ -29,7 +29,6 @@ from tolerances import assert_defect_caught  # noqa: E402
 from tolerances import bound  # noqa: E402
 
 from keras_multimax import export  # noqa: E402
-from keras_multimax import ops  # noqa: E402
 
 pytestmark = pytest.mark.backends
 
@@ -175,13 +174,12 @@ def test_inputs_sharing_a_dynamic_dimension_need_polymorphic_shapes(tmp_path):
             model, str(tmp_path / "a"), inputs, formats=("tf_saved_model",)
         )
     path = str(tmp_path / "b")
-    with ops.plain_ops():
-        model.export(
-            path,
-            format="tf_saved_model",
-            verbose=False,
-            jax2tf_kwargs={"polymorphic_shapes": [["(batch, t, 5)"] * 2]},
-        )
+    model.export(
+        path,
+        format="tf_saved_model",
+        verbose=False,
+        jax2tf_kwargs={"polymorphic_shapes": [["(batch, t, 5)"] * 2]},
+    )
     loaded = tf.saved_model.load(path)  # must outlive `serve` (owns the variables)
     served = loaded.serve([tf.constant(a) for a in inputs])
     assert_close(

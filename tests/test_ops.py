@@ -7,6 +7,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 import tensorflow as tf
+from switches import fused_forward
 
 from keras_multimax import ops
 
@@ -16,21 +17,22 @@ REFERENCE = json.loads(
 
 
 def _modes(fn):
-    """The same function eagerly, inside `tf.function` and as plain ops.
+    """The same function eagerly, inside `tf.function` and with the fused forward.
 
-    The first two run the forward as the fused XLA kernel; "plain_ops" traces
-    the graph that exporters receive (`ops.plain_ops`).
+    The first two run the default forward (plain ops, what exporters
+    receive); "fused" traces it with `config.enable_fused_forward()` (the XLA
+    kernel).
     """
     traced = tf.function(fn)
 
-    def plain(*args):
-        with ops.plain_ops():
+    def fused(*args):
+        with fused_forward():
             return tf.function(fn)(*args)
 
-    return {"eager": fn, "tf_function": traced, "plain_ops": plain}
+    return {"eager": fn, "tf_function": traced, "fused": fused}
 
 
-MODES = ["eager", "tf_function", "plain_ops"]
+MODES = ["eager", "tf_function", "fused"]
 
 
 def _values_and_gradients(x, ranges, ts, upstream, axis=-1, mask=None):

@@ -14,6 +14,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 import tensorflow as tf
+from switches import fused_forward
 
 from keras_multimax import layers
 from keras_multimax import ops
@@ -29,7 +30,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 def _modes():
-    """The three ways a forward is built: eager, fused graph, plain-op graph."""
+    """The three ways a forward is built: eager, plain-op graph, fused graph."""
 
     def eager(fn, *args):
         return fn(*args)
@@ -37,11 +38,11 @@ def _modes():
     def graph(fn, *args):
         return tf.function(fn)(*args)
 
-    def plain(fn, *args):
-        with ops.plain_ops():
+    def fused(fn, *args):
+        with fused_forward():
             return tf.function(fn)(*args)
 
-    return {"eager": eager, "graph": graph, "plain": plain}
+    return {"eager": eager, "graph": graph, "fused": fused}
 
 
 MODES = _modes()

@@ -16,9 +16,7 @@ axis (see `_SLICE_BYTES`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -56,14 +54,6 @@ def check_mask_at_run_time(mask, x, message: str):
     and JAX itself refuses to broadcast them unless they provably fit."""
     del x, message
     return mask
-
-
-@contextlib.contextmanager
-def plain_ops() -> Iterator[None]:
-    """No effect on JAX: `jax.jit` compiles the whole program, there is no
-    separate kernel to keep out of exported graphs (see the TensorFlow
-    `keras_multimax.backend.tensorflow.multimax.plain_ops`)."""
-    yield
 
 
 def _split(p, dtype):

@@ -2,32 +2,19 @@
 
 The formula is `keras_multimax._formula`; this module adds what TensorFlow
 needs around it: the compute dtype, the exclusion of masked and −inf entries,
-the closed-form backward from the saved input and output, and the choice
-between the fused XLA forward and plain ops (see "When the forward is fused"
-below). Arguments arrive validated by `keras_multimax.ops`.
+the closed-form backward from the saved input and output, and the fused XLA
+forward that `keras_multimax.config.enable_fused_forward` turns on (see "When
+the forward is fused" below). Arguments arrive validated by
+`keras_multimax.ops`.
 """
 
 from __future__ import annotations
-
-import contextlib
-import threading
-from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from keras_multimax import _formula
 from keras_multimax import config
-
-try:  # Whether a gradient tape is recording (see "When the forward is fused").
-    from tensorflow.python.eager.record import (
-        could_possibly_record as _tape_is_recording,
-    )
-except ImportError:  # pragma: no cover - private API moved: plain ops only
-
-    def _tape_is_recording() -> bool:
-        return False
-
 
 # Inputs in these dtypes are computed in float32 and returned in their own
 # dtype: order-2 squares of |x| > 256 overflow float16.
@@ -75,28 +62,15 @@ def check_mask_at_run_time(mask: tf.Tensor, x: tf.Tensor, message: str) -> tf.Te
 # order 2, pairs of factors packed as complex numbers), scaled by the slopes
 # after it.
 #
-# When the forward is fused: a graph that leaves TensorFlow must not contain
-# the forward kernel. tf2onnx (through Grappler) does not inline functions
+# When the forward is fused: one switch decides, the same in training and
+# inference, `keras_multimax.config.enable_fused_forward()` (off by default).
+# Off, the forward is the formula as plain builtin ops, which every exporter
+# and runtime takes: tf2onnx (through Grappler) does not inline functions
 # marked for XLA and fails on them, and a SavedModel server without XLA's CPU
-# JIT (TF Serving's default) cannot run them. The rule, read from the call
-# alone (`_use_forward_kernel`):
-#
-# - under a recording gradient tape (a training step: Keras' `fit` and
-#   `train_on_batch`, eager or traced, or the user's own tape), the forward
-#   is the fused kernel. Gradient graphs only run in TensorFlow (a SavedModel
-#   keeps the custom gradient, which reloads in TensorFlow);
-# - everywhere else (inference: `predict`, `model(x)`, and every graph the
-#   exporters trace: `model.export`, `ExportArchive`, `tf.saved_model.save`,
-#   tf2onnx, the LiteRT converter) it is the same formula as plain builtin
-#   ops, unless the user opted in with
-#   `keras_multimax.config.enable_fused_forward()` (faster TensorFlow
-#   inference graphs, not exportable to ONNX or TF Serving on CPU);
-# - inside `plain_ops()` it is plain ops, whatever the switch says.
-#
-# Eager inference therefore compiles nothing by default: an XLA kernel is
-# compiled for every new input shape, which one-off eager calls (e.g. growing
-# sequence lengths) would pay each time. The backward kernels only appear in
-# gradient graphs.
+# JIT (TF Serving's default) cannot run them. In a training step that Keras
+# compiles with XLA (`jit_compile="auto"`, its default) both are one program.
+# The backward kernels only appear in gradient graphs, which only run in
+# TensorFlow (a SavedModel keeps the custom gradient).
 
 
 def _kernel(fn):
@@ -157,31 +131,6 @@ def _seglu_forward(x, ranges, ts):
 _forward_kernel = _kernel(_forward)
 _seglu_kernel = _kernel(_seglu_forward)
 _zero_excluded_kernel = _kernel(_zero_excluded)
-
-
-# Process-wide, not per thread: tf.distribute traces replicas in threads.
-_plain_ops_lock = threading.Lock()
-_plain_ops_depth = 0
-
-
-@contextlib.contextmanager
-def plain_ops() -> Iterator[None]:
-    """Plain builtin ops inside this context (`keras_multimax.ops.plain_ops`)."""
-    global _plain_ops_depth
-    with _plain_ops_lock:
-        _plain_ops_depth += 1
-    try:
-        yield
-    finally:
-        with _plain_ops_lock:
-            _plain_ops_depth -= 1
-
-
-def _use_forward_kernel() -> bool:
-    """Whether the forward is the XLA kernel (see "When the forward is fused")."""
-    if _plain_ops_depth:
-        return False
-    return config.is_fused_forward_enabled() or _tape_is_recording()
 
 
 @_kernel
@@ -350,7 +299,7 @@ def _softmax(z: tf.Tensor, axes) -> tf.Tensor:
 def seglu(x, ranges, ts):
     """SegLU of validated tensors (`keras_multimax.ops.seglu`)."""
     shape = ranges.shape[:-1]
-    forward = _seglu_kernel if _use_forward_kernel() else _seglu_forward
+    forward = _seglu_kernel if config.is_fused_forward_enabled() else _seglu_forward
 
     @tf.custom_gradient
     def fn(x_, ranges_, ts_):
@@ -369,7 +318,7 @@ def multimax(x, ranges, ts, axes, mask):
     dtype = x.dtype
     compute = _compute_dtype(dtype)
     shape = ranges.shape[:-1]
-    fused = _use_forward_kernel()
+    fused = config.is_fused_forward_enabled()
     forward = _forward_kernel if fused else _forward
 
     @tf.custom_gradient
