@@ -23,3 +23,22 @@ def _default_fused_forward():
     config.disable_fused_forward()
     yield
     config.disable_fused_forward()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips tests marked ``only_backend("tensorflow", reason=...)`` on other backends."""
+    backend = keras.backend.backend()
+    for item in items:
+        marker = item.get_closest_marker("only_backend")
+        if marker is None:
+            continue
+        if "reason" not in marker.kwargs:
+            raise pytest.UsageError(
+                f"{item.nodeid}: `only_backend` needs a reason= saying why"
+            )
+        if backend not in marker.args:
+            item.add_marker(
+                pytest.mark.skip(
+                    reason=f"needs {' or '.join(marker.args)}: {marker.kwargs['reason']}"
+                )
+            )
