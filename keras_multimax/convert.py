@@ -8,13 +8,14 @@ from typing import Any
 import keras
 from keras.src.models.functional import Functional
 
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.layers.multimax import MultiMax
 from keras_multimax.layers.multimax_attention import MultiMaxAttention
 from keras_multimax.layers.multimax_attention import validate_per_head
 from keras_multimax.layers.multimax_group_query_attention import (
     MultiMaxGroupQueryAttention,
 )
+from keras_multimax.modulator import Modulator
+from keras_multimax.modulator import pop_legacy_arguments
 
 __all__ = ["ActivationMultiMax", "to_multimax"]
 
@@ -56,14 +57,13 @@ class ActivationMultiMax(MultiMax):
     Example:
 
     >>> import numpy as np
-    >>> layer = ActivationMultiMax(ts_initializer="zeros")
-    >>> np.round(layer(np.array([[1.0, 2.0, 1.0]])).numpy(), 4)
+    >>> layer = ActivationMultiMax()
+    >>> np.round(keras.ops.convert_to_numpy(layer(np.array([[1.0, 2.0, 1.0]]))), 4)
     array([[0.2119, 0.5761, 0.2119]], dtype=float32)
 
     Args:
         **kwargs: `keras_multimax.layers.MultiMax` arguments except ``axis``
-            (``order``, initializers, regularizers, constraints, ``name``,
-            ``dtype``).
+            (``modulator``, ``name``, ``dtype``).
 
     Call arguments:
         inputs: Floating-point scores (logits), normalised over the last axis.
@@ -92,15 +92,10 @@ class ActivationMultiMax(MultiMax):
 def to_multimax(
     model: keras.Model,
     *,
-    replace_softmax: bool = False,
-    order: int = 2,
+    modulator: Any = None,
     per_head: bool = False,
-    ranges_initializer: Any = DEFAULT_INITIALIZER,
-    ts_initializer: Any = "zeros",
-    ranges_regularizer: Any = None,
-    ts_regularizer: Any = None,
-    ranges_constraint: Any = None,
-    ts_constraint: Any = None,
+    replace_softmax: bool = False,
+    **kwargs,
 ) -> keras.Model:
     """Returns a copy of a Keras model with MultiMax in place of SoftMax attention.
 
@@ -137,11 +132,11 @@ def to_multimax(
         softmax(σ(s))
         σ(s) = s + Σ_k t[2k]·relu(r[2k] − s)^(k+1) + t[2k+1]·relu(s − r[2k+1])^(k+1)
 
-    As ``ts_initializer`` defaults to zeros, σ starts as the identity: the new
-    model computes what the old one computed (up to float rounding), and
-    fine-tuning moves ``ts`` (then ``ranges``) away from SoftMax. Pass e.g.
-    ``ts_initializer=keras_multimax.layers.multimax.DEFAULT_INITIALIZER`` to
-    start from the paper's small random slopes instead.
+    The default modulator (as everywhere in keras_multimax) starts at
+    ``ts = 0``, where σ is the identity: the new model computes what the old
+    one computed (up to float rounding), and fine-tuning moves ``ts`` (then
+    ``ranges``) away from SoftMax. Pass ``modulator="paper"`` to start from
+    the paper's small random slopes instead.
 
     One difference remains at ``ts = 0``: a query that may attend to no key
     at all (e.g. a padded query position) gets all-zero MultiMax weights,
@@ -189,17 +184,15 @@ def to_multimax(
         replace_softmax: Boolean, also replace ``Softmax`` layers,
             ``Activation("softmax")`` layers and ``Dense`` layers with a
             softmax activation, as described above. Defaults to False.
-        order: Integer >= 1, the order K of every new modulator.
+        modulator: The configuration of every new modulator: a
+            `keras_multimax.Modulator`, a name (``"softmax"``, the default:
+            ``ts = 0``, so that the new model starts equal to the old one;
+            ``"paper"``: the official initialisation) or its config dict.
         per_head: Boolean, one modulator per attention head (see
             `MultiMaxAttention`); does not apply to the output layers.
-        ranges_initializer: Initializer of every new ``ranges`` weight.
-            Defaults to a truncated normal with standard deviation 0.02.
-        ts_initializer: Initializer of every new ``ts`` weight. Defaults to
-            ``"zeros"``, so that the new model starts equal to the old one.
-        ranges_regularizer: Optional regularizer of the new ``ranges``.
-        ts_regularizer: Optional regularizer of the new ``ts``.
-        ranges_constraint: Optional constraint of the new ``ranges``.
-        ts_constraint: Optional constraint of the new ``ts``.
+        **kwargs: The modulator's arguments one by one (``order``,
+            ``ts_initializer``...), as 0.2.0 took them: deprecated, pass
+            ``modulator`` instead.
 
     Returns:
         A new model of the same kind (a Functional subclass whose constructor
@@ -217,17 +210,12 @@ def to_multimax(
             f"Received: replace_softmax={replace_softmax!r}"
         )
     validate_per_head(per_head)
-    modulator = {
-        "order": order,
-        "ranges_initializer": ranges_initializer,
-        "ts_initializer": ts_initializer,
-        "ranges_regularizer": ranges_regularizer,
-        "ts_regularizer": ts_regularizer,
-        "ranges_constraint": ranges_constraint,
-        "ts_constraint": ts_constraint,
-    }
-    # Fail early, before any cloning, on bad modulator arguments.
-    MultiMax(**modulator)
+    modulator = pop_legacy_arguments(kwargs, modulator, "to_multimax")
+    if kwargs:
+        raise TypeError(
+            f"`to_multimax` got unexpected arguments {sorted(kwargs)}. "
+            f"Received: {kwargs!r}"
+        )
     if _is_keras_hub_model(model):
         if replace_softmax:
             raise ValueError(
@@ -236,7 +224,7 @@ def to_multimax(
                 "logits. Received: replace_softmax=True for "
                 f"{type(model).__name__} {model.name!r}"
             )
-        return _hub_to_multimax(model, {**modulator, "per_head": per_head})
+        return _hub_to_multimax(model, modulator, per_head)
     converter = _Converter(modulator, per_head, replace_softmax)
     new_model = converter.convert_model(model)
     converter.check_converted(model)
@@ -250,14 +238,15 @@ def _is_keras_hub_model(model) -> bool:
     return isinstance(model, (keras_hub.models.Backbone, keras_hub.models.Task))
 
 
-def _hub_to_multimax(model, options):
+def _hub_to_multimax(model, modulator: Modulator, per_head: bool):
+    from keras_multimax.hub import _layers
     from keras_multimax.hub import _models
 
-    return _models.to_multimax(model, options)
+    return _models.to_multimax(model, _layers.conversion_options(modulator, per_head))
 
 
 class _Converter:
-    def __init__(self, modulator: dict, per_head: bool, replace_softmax: bool):
+    def __init__(self, modulator: Modulator, per_head: bool, replace_softmax: bool):
         self.modulator = modulator
         self.per_head = per_head
         self.replace_softmax = replace_softmax
@@ -277,8 +266,8 @@ class _Converter:
                 f"layers of model {model.name!r}, which would silently stay "
                 f"SoftMax:\n{found}\nIt rewrites only layers that are nodes "
                 "of a Functional or Sequential model. In that layer's code, "
-                "use `keras_multimax.layers.MultiMax` (same `axis`, "
-                "ts_initializer='zeros' to start as SoftMax) in place of "
+                "use `keras_multimax.layers.MultiMax` (same `axis`; its default "
+                "modulator starts as SoftMax) in place of "
                 "`keras.layers.Softmax`, or `keras_multimax.layers."
                 "MultiMaxAttention` in place of the attention."
             )
@@ -302,9 +291,7 @@ class _Converter:
         if _is_keras_hub_model(model):
             # e.g. a KerasHub backbone used as a layer of a Functional model.
             self.converted += 1
-            return _hub_to_multimax(
-                model, {**self.modulator, "per_head": self.per_head}
-            )
+            return _hub_to_multimax(model, self.modulator, self.per_head)
         if isinstance(model, keras.Sequential):
             return self._convert_sequential(model)
         if isinstance(model, Functional):
@@ -317,7 +304,7 @@ class _Converter:
                 "whose `call()` is Python code. Instead, create the attention "
                 "layers in that code as `keras_multimax.layers."
                 "MultiMaxAttention` (it takes every MultiHeadAttention "
-                "argument, plus ts_initializer='zeros' to start as SoftMax) "
+                "argument, and its default modulator starts as SoftMax) "
                 "and load the old weights with `model.load_weights(...)` "
                 "(skip_mismatch=True leaves the new `ranges`/`ts` as "
                 "initialised), or build the model with the functional API."
@@ -408,7 +395,7 @@ class _Converter:
             twin = _ATTENTION_TWINS[cls]
             self.converted += 1
             return twin.from_config(
-                {**config, **self.modulator, "per_head": self.per_head}
+                {**config, "modulator": self.modulator, "per_head": self.per_head}
             ), None
         if isinstance(layer, _MULTIMAX_ATTENTION):
             return cls.from_config(config), None
@@ -440,7 +427,10 @@ class _Converter:
 
     def _convert_softmax(self, layer, config, taken):
         cls = type(layer)
-        common = {"dtype": _float_policy(layer.dtype_policy), **self.modulator}
+        common = {
+            "dtype": _float_policy(layer.dtype_policy),
+            "modulator": self.modulator,
+        }
         if cls is keras.layers.Softmax:
             self.converted += 1
             return MultiMax(axis=layer.axis, name=layer.name, **common), None

@@ -1,7 +1,9 @@
 """Picking how to distribute MultiMax models: TPU > GPUs > CPU.
 
 On TensorFlow, a `tf.distribute.Strategy` (`choose_strategy`); on JAX, a
-`keras.distribution.Distribution` (`choose_distribution`).
+`keras.distribution.Distribution` (`choose_distribution`). TensorFlow is
+imported by the functions that build a `tf.distribute` strategy, when they
+are called, not with this module.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+from typing import TYPE_CHECKING
 
 import keras
-import tensorflow as tf
+
+if TYPE_CHECKING:  # annotations only; imported when used, see the docstring
+    import tensorflow as tf
 
 __all__ = [
     "choose_distribution",
@@ -71,6 +76,8 @@ def tpu_reachable(tpu: str | None = None) -> tuple[bool, str]:
     Returns:
         ``(reachable, reason)``; ``reason`` says what was found or missing.
     """
+    import tensorflow as tf
+
     hint = _tpu_hint(tpu)
     if hint:
         return True, hint
@@ -83,6 +90,8 @@ def tpu_reachable(tpu: str | None = None) -> tuple[bool, str]:
 
 
 def _connect_tpu(tpu: str | None) -> tf.distribute.Strategy:
+    import tensorflow as tf
+
     if tpu is None and glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*"):
         if not (os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR")):
             tpu = "local"
@@ -104,6 +113,8 @@ def _reduce_nests(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:
     replicas only (there is no axis 0 to reduce). Any other call is passed
     through unchanged.
     """
+    import tensorflow as tf
+
     reduce = strategy.reduce
 
     def reduce_leaf(reduce_op, value, axis):
@@ -143,6 +154,8 @@ def multi_worker_strategy(**kwargs) -> tf.distribute.MultiWorkerMirroredStrategy
     Returns:
         The strategy. Create it before any other TensorFlow operation.
     """
+    import tensorflow as tf
+
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy(**kwargs)
     except RuntimeError as e:
@@ -189,6 +202,8 @@ def choose_strategy(
     Returns:
         A `tf.distribute.Strategy`.
     """
+    import tensorflow as tf
+
     if preference not in _PREFERENCES:
         raise ValueError(
             f"`preference` must be one of {_PREFERENCES}. "

@@ -7,6 +7,9 @@ difference to the Keras model and the latency per batch; `format_table`
 prints that as a Markdown table. On Keras' JAX backend the ``.keras`` file,
 the SavedModel (through jax2tf) and ONNX (through jax2onnx) are written;
 Keras exports LiteRT only from TensorFlow, see `unsupported_formats`.
+
+TensorFlow is imported when a SavedModel or LiteRT file is written and run,
+not with this module: on JAX, ``.keras`` and ONNX files need no TensorFlow.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from collections.abc import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_multimax import config
 
@@ -124,6 +126,8 @@ def _keras_runner(model, path, arrays):
 
 
 def _saved_model_runner(model, path, arrays):
+    import tensorflow as tf
+
     model.export(path, format="tf_saved_model", verbose=False)
     loaded = tf.saved_model.load(path)  # must outlive `serve` (owns the variables)
     tensors = [tf.constant(a) for a in arrays]
@@ -153,6 +157,8 @@ def _check_float32_compute(model) -> None:
 
 
 def _litert_runner(model, path, arrays, quantize=False):
+    import tensorflow as tf
+
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as e:
@@ -178,41 +184,41 @@ def _litert_runner(model, path, arrays, quantize=False):
     return lambda: next(iter(runner(**feeds).values()))
 
 
-def _register_tf2onnx_erfc() -> None:
-    """Teaches tf2onnx TensorFlow's ``Erfc`` as ``1 - Erf`` (if it lacks it).
+def _replace_erfc(path: str) -> None:
+    """Rewrites the ``Erfc`` nodes of an ONNX file as ``1 - Erf`` (ONNX has no Erfc).
 
     Keras' exact GELU (``activation="gelu"``; the model builders use an
     erf-based GELU instead, `keras_multimax.models._blocks.exact_gelu`) is
-    ``0.5 * x * erfc(-x / sqrt(2))`` in TensorFlow; tf2onnx 1.17 has no
-    converter for ``Erfc`` and writes a graph onnxruntime rejects ("No Op
-    registered for Erfc"). ONNX has ``Erf`` (opset 9+).
+    ``0.5 * x * erfc(-x / sqrt(2))`` in TensorFlow. tf2onnx 1.17 has no
+    converter for ``Erfc`` and writes the node as it is, which onnxruntime
+    rejects ("No Op registered for Erfc"). Rewriting the written file, rather
+    than registering a handler in tf2onnx's process-wide registry, leaves
+    tf2onnx as it was.
     """
-    from tf2onnx import constants
-    from tf2onnx import utils
-    from tf2onnx.handler import tf_op
+    import onnx
+    from onnx import helper
+    from onnx import numpy_helper
 
-    opsets = tf_op.get_opsets().get(constants.ONNX_DOMAIN, [])
-    if any("Erfc" in handlers for handlers in opsets):
+    model = onnx.load(path)
+    nodes = list(model.graph.node)
+    if not any(n.op_type == "Erfc" and n.domain in ("", "ai.onnx") for n in nodes):
         return
-
-    @tf_op("Erfc")
-    class _Erfc:
-        @classmethod
-        def version_9(cls, ctx, node, **kwargs):
-            node.type = "Erf"
-            dtype = ctx.get_dtype(node.output[0])
-            one = ctx.make_const(
-                utils.make_name("erfc_one"),
-                np.array(1, dtype=utils.map_onnx_to_numpy_type(dtype)),
-            )
-            sub = ctx.insert_new_node_on_output(
-                "Sub",
-                node.output[0],
-                name=utils.make_name(node.name),
-                inputs=[one.output[0], node.output[0]],
-            )
-            ctx.copy_shape(node.output[0], sub.output[0])
-            ctx.set_dtype(sub.output[0], dtype)
+    rewritten = []
+    for node in nodes:
+        if node.op_type != "Erfc" or node.domain not in ("", "ai.onnx"):
+            rewritten.append(node)
+            continue
+        erf, one = f"{node.name}/erf", f"{node.name}/one"
+        model.graph.initializer.append(
+            numpy_helper.from_array(np.array(1.0, np.float32), one)
+        )
+        rewritten.append(helper.make_node("Erf", list(node.input), [erf], name=erf))
+        rewritten.append(
+            helper.make_node("Sub", [one, erf], list(node.output), name=node.name)
+        )
+    del model.graph.node[:]
+    model.graph.node.extend(rewritten)
+    onnx.save(model, path)
 
 
 def _runtimes(fmt: str) -> tuple[tuple[str, str], ...]:
@@ -325,9 +331,8 @@ def _onnx_runner(model, path, arrays):
             f"Exporting and running ONNX models needs onnxruntime and {converter}; "
             f"could not import {e.name or e}. Install {_install_hint([converter])}."
         ) from e
-    if converter == "tf2onnx":
-        _register_tf2onnx_erfc()
     model.export(path, format="onnx", verbose=False)
+    _replace_erfc(path)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     if len(names) == 1:

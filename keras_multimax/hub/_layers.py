@@ -33,13 +33,14 @@ from typing import Any
 import keras
 
 from keras_multimax import ops as mm_ops
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.layers.multimax import MultiMax
 from keras_multimax.layers.multimax_attention import AttentionModulator
 from keras_multimax.layers.multimax_attention import MultiMaxAttention
 from keras_multimax.layers.multimax_group_query_attention import (
     MultiMaxGroupQueryAttention,
 )
+from keras_multimax.modulator import MODULATOR_ARGUMENTS
+from keras_multimax.modulator import Modulator
 
 # The KerasHub helpers that let a layer skip its own softmax for a fused
 # SoftMax kernel (`ops.dot_product_attention`). Converted layers see them as
@@ -57,16 +58,9 @@ _TWIN_METHODS = ("_compute_attention", "_masked_softmax")
 # Attributes that give a family layer's number of query heads (per_head).
 _HEAD_COUNTS = ("num_query_heads", "num_heads", "_num_heads", "num_attention_heads")
 
-MODULATOR_ARGUMENTS = (
-    "order",
-    "per_head",
-    "ranges_initializer",
-    "ts_initializer",
-    "ranges_regularizer",
-    "ts_regularizer",
-    "ranges_constraint",
-    "ts_constraint",
-)
+# The options of a conversion: per_head and the modulator's arguments, kept
+# flat in KerasHub models' config (as 0.2.0 wrote them).
+OPTIONS = ("per_head", *MODULATOR_ARGUMENTS)
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
@@ -94,17 +88,16 @@ class AttentionMultiMax(MultiMax):
     Example:
 
     >>> import numpy as np
-    >>> layer = AttentionMultiMax(num_heads=2, ts_initializer="ones")
+    >>> layer = AttentionMultiMax(num_heads=2)
     >>> scores = np.zeros((1, 2, 3, 3), "float32")
-    >>> layer(scores).shape, tuple(layer.ts.shape)
-    (TensorShape([1, 2, 3, 3]), (2, 4))
+    >>> tuple(layer(scores).shape), tuple(layer.ts.shape)
+    ((1, 2, 3, 3), (2, 4))
 
     Args:
         num_heads: Optional integer: one modulator per head. Defaults to
             ``None`` (one modulator shared by all heads).
         **kwargs: `keras_multimax.layers.MultiMax` arguments (``axis``,
-            ``order``, initializers, regularizers, constraints, ``name``,
-            ``dtype``).
+            ``modulator``, ``name``, ``dtype``).
 
     Call arguments:
         inputs: Attention scores, normalised over the last axis.
@@ -164,32 +157,29 @@ class AttentionMultiMax(MultiMax):
 
 
 def validate_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The modulator options with defaults; bad values raise here, early."""
-    unknown = sorted(set(options) - set(MODULATOR_ARGUMENTS))
+    """The conversion options with defaults; bad values raise here, early.
+
+    Returns ``per_head`` and the `Modulator`'s config, flat (the ``multimax``
+    entry of a converted KerasHub model's config).
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise TypeError(
             f"Unknown MultiMax options {unknown}; the options are "
-            f"{list(MODULATOR_ARGUMENTS)}. Received: {options!r}"
+            f"{list(OPTIONS)}. Received: {options!r}"
         )
-    full = {
-        "order": 2,
-        "per_head": False,
-        "ranges_initializer": DEFAULT_INITIALIZER,
-        "ts_initializer": "zeros",
-        "ranges_regularizer": None,
-        "ts_regularizer": None,
-        "ranges_constraint": None,
-        "ts_constraint": None,
-        **options,
-    }
-    if not isinstance(full["per_head"], bool):
+    per_head = options.get("per_head", False)
+    if not isinstance(per_head, bool):
         raise TypeError(
-            f"`per_head` must be a boolean. Received: per_head={full['per_head']!r}"
+            f"`per_head` must be a boolean. Received: per_head={per_head!r}"
         )
-    modulator = {k: v for k, v in full.items() if k != "per_head"}
-    probe = MultiMax(**modulator)  # raises on a bad order/initializer/...
-    # Serialized, so that the options round-trip through a model config.
-    return {"per_head": full["per_head"], **probe._modulator_config()}
+    modulator = Modulator(**{k: v for k, v in options.items() if k != "per_head"})
+    return {"per_head": per_head, **modulator.get_config()}
+
+
+def conversion_options(modulator: Modulator, per_head: bool) -> dict[str, Any]:
+    """`validate_options` of a `Modulator` and ``per_head``."""
+    return validate_options({"per_head": per_head, **modulator.get_config()})
 
 
 def _never_fused():
@@ -405,16 +395,8 @@ def _head_count(layer) -> int:
     )
 
 
-def _modulator_args(options):
-    return (
-        options["order"],
-        options["ranges_initializer"],
-        options["ts_initializer"],
-        options["ranges_regularizer"],
-        options["ts_regularizer"],
-        options["ranges_constraint"],
-        options["ts_constraint"],
-    )
+def _modulator(options) -> Modulator:
+    return Modulator(**{k: v for k, v in options.items() if k != "per_head"})
 
 
 class _Unlocked:
@@ -448,7 +430,7 @@ def _parent_path(layer) -> str:
 def _convert_mha(layer, options):
     _, (_, heads_attribute) = _twin_of(layer)
     layer.__class__ = converted_class(type(layer))
-    layer._init_attention_modulator(options["per_head"], *_modulator_args(options))
+    layer._init_attention_modulator(options["per_head"], _modulator(options))
     with _Unlocked(layer), _scope(_parent_path(layer)):
         layer._build_attention_modulator(getattr(layer, heads_attribute))
 
@@ -457,7 +439,7 @@ def _convert_family(layer, options):
     names = _softmax_attributes(layer)
     num_heads = _head_count(layer) if options["per_head"] else None
     layer.__class__ = converted_class(type(layer))
-    modulator = {k: v for k, v in options.items() if k != "per_head"}
+    modulator = _modulator(options)
     with _Unlocked(layer):
         for name in names:
             softmax = getattr(layer, name)
@@ -469,7 +451,7 @@ def _convert_family(layer, options):
                 # "softmax_12"), so that weight paths do not depend on how
                 # many layers were built before.
                 name=name.lstrip("_"),
-                **modulator,
+                modulator=modulator,
             )
             layer._tracker.untrack(softmax)
             setattr(layer, name, multimax)

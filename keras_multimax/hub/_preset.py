@@ -6,12 +6,19 @@ from typing import Any
 
 import keras_hub
 
-from keras_multimax.hub._layers import MODULATOR_ARGUMENTS
 from keras_multimax.hub._models import is_multimax
+from keras_multimax.modulator import MODULATOR_ARGUMENTS
+from keras_multimax.modulator import pop_legacy_arguments
 
 
 def from_preset(
-    preset: str, model_class: Any = None, *, load_weights: bool = True, **kwargs
+    preset: str,
+    model_class: Any = None,
+    *,
+    load_weights: bool = True,
+    modulator: Any = None,
+    per_head: bool | None = None,
+    **kwargs,
 ):
     """Loads a KerasHub preset as a MultiMax model.
 
@@ -27,7 +34,7 @@ def from_preset(
 
         σ(s) = s + Σ_k t[2k]·relu(r[2k] − s)^(k+1) + t[2k+1]·relu(s − r[2k+1])^(k+1)
 
-    With the default ``ts_initializer="zeros"`` the loaded model computes what
+    With the default modulator (``ts = 0``) the loaded model computes what
     the preset's SoftMax model computes.
 
     Example:
@@ -38,7 +45,8 @@ def from_preset(
     ...     intermediate_dim=16, max_sequence_length=8)
     >>> preset = tempfile.mkdtemp()
     >>> backbone.save_to_preset(preset)
-    >>> model = from_preset(preset, order=1)
+    >>> from keras_multimax import Modulator
+    >>> model = from_preset(preset, modulator=Modulator(order=1))
     >>> type(model).__name__, model.multimax["order"]
     ('MultiMaxGPT2Backbone', 1)
 
@@ -48,11 +56,11 @@ def from_preset(
             ``keras_hub.models.CausalLM`` or ``keras_hub.models.
             GPT2CausalLM``. Defaults to ``keras_hub.models.Backbone``.
         load_weights: Boolean, whether to load the preset's weights.
-        **kwargs: MultiMax options (``order``, ``per_head``,
-            ``ranges_initializer``, ``ts_initializer``, ``ranges_regularizer``,
-            ``ts_regularizer``, ``ranges_constraint``, ``ts_constraint``; as in
-            `keras_multimax.convert.to_multimax`), and any other argument of
-            ``model_class.from_preset`` (e.g. ``dtype``).
+        modulator: The modulator's configuration, as in
+            `keras_multimax.convert.to_multimax` (default: ``ts = 0``).
+        per_head: One modulator per attention head (default False).
+        **kwargs: Any other argument of ``model_class.from_preset`` (e.g.
+            ``dtype``).
 
     Returns:
         An instance of the MultiMax subclass of the preset's class.
@@ -72,10 +80,17 @@ def from_preset(
             "`model_class` must be a KerasHub Backbone or Task class. "
             f"Received: model_class={model_class!r}"
         )
-    options = {k: kwargs.pop(k) for k in MODULATOR_ARGUMENTS if k in kwargs}
+    modulator_given = modulator is not None or any(
+        k in kwargs for k in MODULATOR_ARGUMENTS
+    )
+    modulator = pop_legacy_arguments(kwargs, modulator, "from_preset")
+    options = {"modulator": modulator} if modulator_given else {}
+    if per_head is not None:
+        options["per_head"] = per_head
+    given = bool(options)
     model = model_class.from_preset(preset, load_weights=load_weights, **kwargs)
     if is_multimax(model):
-        if options:
+        if given:
             raise ValueError(
                 f"Preset {preset!r} holds a MultiMax model already "
                 f"({type(model).__name__}, options {model_multimax(model)}); "

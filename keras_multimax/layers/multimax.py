@@ -8,8 +8,8 @@ from typing import Any
 import keras
 
 from keras_multimax import ops
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.layers._modulator import ModulatorParameters
+from keras_multimax.modulator import pop_legacy_arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
@@ -21,29 +21,32 @@ class MultiMax(ModulatorParameters, keras.layers.Layer):
         σ(x) = x + Σ_k t[2k]·relu(r[2k] − x)^(k+1) + t[2k+1]·relu(x − r[2k+1])^(k+1)
         MultiMax(x) = softmax(σ(x))
 
-    summed over k = 0 … K−1 (K = ``order``). ``r`` is the weight ``ranges``
-    (the paper's thresholds ``b``, ``d`` of each order) and ``t`` the weight
-    ``ts`` (their slopes ``t_b``, ``t_d``), both of shape ``(2 * order,)``.
-    With ``ts = 0`` the layer is exactly `keras.layers.Softmax`.
+    summed over k = 0 … K−1 (K = ``modulator.order``). ``r`` is the weight
+    ``ranges`` (the paper's thresholds ``b``, ``d`` of each order) and ``t``
+    the weight ``ts`` (their slopes ``t_b``, ``t_d``), both of shape
+    ``(2 * order,)``. With ``ts = 0`` (where the default modulator starts)
+    the layer is exactly `keras.layers.Softmax`.
 
     Example:
 
+    >>> import keras
     >>> import numpy as np
-    >>> layer = MultiMax(ts_initializer="zeros")
-    >>> np.round(layer(np.array([[1.0, 2.0, 1.0]])).numpy(), 4)
+    >>> layer = MultiMax()
+    >>> y = layer(np.array([[1.0, 2.0, 1.0]]))
+    >>> np.round(keras.ops.convert_to_numpy(y), 4)
     array([[0.2119, 0.5761, 0.2119]], dtype=float32)
+    >>> from keras_multimax import Modulator
+    >>> MultiMax(modulator=Modulator(order=3)).order
+    3
 
     Args:
         axis: Integer or tuple of integers, the axes normalised over.
-        order: Integer >= 1, the order K of the modulator (the paper uses 2).
-        ranges_initializer: Initializer of ``ranges``. Defaults to a truncated
-            normal with standard deviation 0.02, as the official code.
-        ts_initializer: Initializer of ``ts``. Defaults as ``ranges``;
-            ``"zeros"`` starts the layer as exact SoftMax.
-        ranges_regularizer: Optional regularizer of ``ranges``.
-        ts_regularizer: Optional regularizer of ``ts``.
-        ranges_constraint: Optional constraint of ``ranges``.
-        ts_constraint: Optional constraint of ``ts``.
+        modulator: The modulator's configuration: a
+            `keras_multimax.Modulator`, a name (``"softmax"``, the default:
+            ``ts = 0``, exactly SoftMax at the start; ``"paper"``: the
+            official initialisation) or its config dict. Its order K, the
+            initializers, regularizers and constraints of ``ranges`` and
+            ``ts`` are set there.
         **kwargs: Base layer keyword arguments, such as ``name`` and ``dtype``.
 
     Call arguments:
@@ -69,28 +72,15 @@ class MultiMax(ModulatorParameters, keras.layers.Layer):
     def __init__(
         self,
         axis: int | Sequence[int] = -1,
-        order: int = 2,
-        ranges_initializer: Any = DEFAULT_INITIALIZER,
-        ts_initializer: Any = DEFAULT_INITIALIZER,
-        ranges_regularizer: Any = None,
-        ts_regularizer: Any = None,
-        ranges_constraint: Any = None,
-        ts_constraint: Any = None,
+        modulator: Any = None,
         **kwargs,
     ):
+        modulator = pop_legacy_arguments(kwargs, modulator, type(self).__name__)
         super().__init__(**kwargs)
         # Type check (range checked in build); NumPy integers become ints.
         axes = ops._normalize_axis(axis, None)
         self.axis = axes if isinstance(axis, (tuple, list)) else axes[0]
-        self._init_modulator(
-            order,
-            ranges_initializer,
-            ts_initializer,
-            ranges_regularizer,
-            ts_regularizer,
-            ranges_constraint,
-            ts_constraint,
-        )
+        self.modulator = modulator
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -108,5 +98,5 @@ class MultiMax(ModulatorParameters, keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"axis": self.axis, **self._modulator_config()})
+        config["axis"] = self.axis
         return config

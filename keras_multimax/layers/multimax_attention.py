@@ -7,8 +7,8 @@ from typing import Any
 import keras
 
 from keras_multimax import ops
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.layers._modulator import ModulatorParameters
+from keras_multimax.modulator import pop_legacy_arguments
 
 __all__ = ["MultiMaxAttention"]
 
@@ -54,15 +54,15 @@ class AttentionModulator(ModulatorParameters):
     subclass calls `_init_attention_modulator(...)` after the parent's
     ``__init__``, `_build_attention_modulator(num_heads)` in `build`, and
     `_attention_weights` from its ``_masked_softmax``; `get_config` adds
-    ``per_head`` and the modulator's configuration.
+    ``per_head`` and the modulator.
     """
 
-    def _init_attention_modulator(self, per_head, order, *modulator_args):
+    def _init_attention_modulator(self, per_head, modulator):
         # The parent may read a global "flash attention enabled" flag; these
         # layers never call a fused kernel.
         self._flash_attention = False
         self.per_head = validate_per_head(per_head)
-        self._init_modulator(order, *modulator_args)
+        self.modulator = modulator
 
     def _build_attention_modulator(self, num_heads: int):
         self._build_modulator((num_heads,) if self.per_head else ())
@@ -130,7 +130,7 @@ class AttentionModulator(ModulatorParameters):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"per_head": self.per_head, **self._modulator_config()})
+        config["per_head"] = self.per_head
         return config
 
 
@@ -164,8 +164,8 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
     >>> layer = MultiMaxAttention(num_heads=2, key_dim=4, name="attention")
     >>> x = np.random.default_rng(0).normal(size=(1, 3, 8)).astype("float32")
     >>> out, scores = layer(x, x, return_attention_scores=True)
-    >>> out.shape, scores.shape
-    (TensorShape([1, 3, 8]), TensorShape([1, 2, 3, 3]))
+    >>> tuple(out.shape), tuple(scores.shape)
+    ((1, 3, 8), (1, 2, 3, 3))
     >>> layer.ranges.path, tuple(layer.ts.shape)
     ('attention/ranges', (4,))
 
@@ -195,21 +195,17 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
         use_gate: Boolean, whether to gate the attention output with a
             sigmoid-activated projection of the query, as in the parent.
         seed: Optional integer, the dropout seed.
-        order: Integer >= 1, the order K of the modulator (the paper uses 2).
-            This and the following arguments are keyword-only; all the
-            arguments above can be given positionally in the parent's order.
+        modulator: The modulator's configuration, keyword-only like the
+            following argument (all the arguments above can be given
+            positionally in the parent's order): a
+            `keras_multimax.Modulator`, a name (``"softmax"``, the default:
+            ``ts = 0``, exactly the SoftMax layer at the start; ``"paper"``:
+            the official initialisation) or its config dict. Its order K and
+            the initializers, regularizers and constraints of ``ranges`` and
+            ``ts`` are set there.
         per_head: Boolean. If True, each head has its own modulator:
             ``ranges``/``ts`` have shape ``(num_heads, 2 * order)`` instead of
             ``(2 * order,)``.
-        ranges_initializer: Initializer of ``ranges`` (thresholds ``b``,
-            ``d``). Defaults to a truncated normal with standard deviation
-            0.02, as the official code.
-        ts_initializer: Initializer of ``ts`` (slopes ``t_b``, ``t_d``).
-            Defaults as ``ranges``; ``"zeros"`` starts as SoftMax attention.
-        ranges_regularizer: Optional regularizer of ``ranges``.
-        ts_regularizer: Optional regularizer of ``ts``.
-        ranges_constraint: Optional constraint of ``ranges``.
-        ts_constraint: Optional constraint of ``ts``.
         **kwargs: Base layer arguments (``name``, ``dtype``, ...).
 
     Call arguments:
@@ -261,16 +257,11 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
         use_gate: bool = False,
         seed: int | None = None,
         *,
-        order: int = 2,
+        modulator: Any = None,
         per_head: bool = False,
-        ranges_initializer: Any = DEFAULT_INITIALIZER,
-        ts_initializer: Any = DEFAULT_INITIALIZER,
-        ranges_regularizer: Any = None,
-        ts_regularizer: Any = None,
-        ranges_constraint: Any = None,
-        ts_constraint: Any = None,
         **kwargs,
     ):
+        modulator = pop_legacy_arguments(kwargs, modulator, type(self).__name__)
         reject_flash_attention(flash_attention, type(self).__name__)
         super().__init__(
             num_heads=num_heads,
@@ -293,18 +284,12 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
             seed=seed,
             **kwargs,
         )
-        self._init_attention_modulator(
-            per_head,
-            order,
-            ranges_initializer,
-            ts_initializer,
-            ranges_regularizer,
-            ts_regularizer,
-            ranges_constraint,
-            ts_constraint,
-        )
+        self._init_attention_modulator(per_head, modulator)
 
     def build(self, query_shape, value_shape, key_shape=None):
+        # Keras' own shape checks first, so that inputs the parent rejects get
+        # its error (class and message); then ours.
+        self.compute_output_shape(query_shape, value_shape, key_shape)
         self._check_input_ranks(
             False, query=query_shape, value=value_shape, key=key_shape
         )

@@ -6,9 +6,9 @@ from typing import Any
 
 import keras
 
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.layers.multimax_attention import AttentionModulator
 from keras_multimax.layers.multimax_attention import reject_flash_attention
+from keras_multimax.modulator import pop_legacy_arguments
 
 __all__ = ["MultiMaxGroupQueryAttention"]
 
@@ -45,8 +45,8 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
     ...     head_dim=4, num_query_heads=4, num_key_value_heads=2, per_head=True)
     >>> x = np.random.default_rng(0).normal(size=(1, 3, 8)).astype("float32")
     >>> out, scores = layer(x, x, return_attention_scores=True)
-    >>> out.shape, scores.shape, tuple(layer.ts.shape)
-    (TensorShape([1, 3, 8]), TensorShape([1, 4, 3, 3]), (4, 4))
+    >>> tuple(out.shape), tuple(scores.shape), tuple(layer.ts.shape)
+    ((1, 3, 8), (1, 4, 3, 3), (4, 4))
 
     Args:
         head_dim: Size of each attention head.
@@ -70,20 +70,17 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
         use_gate: Boolean, whether to gate the attention output with a
             sigmoid-activated projection of the query, as in the parent.
         seed: Optional integer, the dropout seed.
-        order: Integer >= 1, the order K of the modulator (the paper uses 2).
-            This and the following arguments are keyword-only; all the
-            arguments above can be given positionally in the parent's order.
-        per_head: Boolean. If True, each query head has its own modulator:
-            ``ranges``/``ts`` have shape ``(num_query_heads, 2 * order)``
-            instead of ``(2 * order,)``.
-        ranges_initializer: Initializer of ``ranges``. Defaults to a truncated
-            normal with standard deviation 0.02, as the official code.
-        ts_initializer: Initializer of ``ts``. Defaults as ``ranges``;
-            ``"zeros"`` starts as SoftMax attention.
-        ranges_regularizer: Optional regularizer of ``ranges``.
-        ts_regularizer: Optional regularizer of ``ts``.
-        ranges_constraint: Optional constraint of ``ranges``.
-        ts_constraint: Optional constraint of ``ts``.
+        modulator: The modulator's configuration, keyword-only like the
+            following argument (all the arguments above can be given
+            positionally in the parent's order): a
+            `keras_multimax.Modulator`, a name (``"softmax"``, the default:
+            ``ts = 0``, exactly the SoftMax layer at the start; ``"paper"``:
+            the official initialisation) or its config dict. Its order K and
+            the initializers, regularizers and constraints of ``ranges`` and
+            ``ts`` are set there.
+        per_head: Boolean. If True, each head has its own modulator:
+            ``ranges``/``ts`` have shape ``(num_heads, 2 * order)`` instead of
+            ``(2 * order,)``.
         **kwargs: Base layer arguments (``name``, ``dtype``, ...).
 
     Call arguments:
@@ -130,16 +127,11 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
         use_gate: bool = False,
         seed: int | None = None,
         *,
-        order: int = 2,
+        modulator: Any = None,
         per_head: bool = False,
-        ranges_initializer: Any = DEFAULT_INITIALIZER,
-        ts_initializer: Any = DEFAULT_INITIALIZER,
-        ranges_regularizer: Any = None,
-        ts_regularizer: Any = None,
-        ranges_constraint: Any = None,
-        ts_constraint: Any = None,
         **kwargs,
     ):
+        modulator = pop_legacy_arguments(kwargs, modulator, type(self).__name__)
         reject_flash_attention(flash_attention, type(self).__name__)
         for name, value in (
             ("head_dim", head_dim),
@@ -175,18 +167,12 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
             seed=seed,
             **kwargs,
         )
-        self._init_attention_modulator(
-            per_head,
-            order,
-            ranges_initializer,
-            ts_initializer,
-            ranges_regularizer,
-            ts_regularizer,
-            ranges_constraint,
-            ts_constraint,
-        )
+        self._init_attention_modulator(per_head, modulator)
 
     def build(self, query_shape, value_shape, key_shape=None):
+        # Keras' own shape checks first, so that inputs the parent rejects get
+        # its error (class and message); then ours.
+        self.compute_output_shape(query_shape, value_shape, key_shape)
         self._check_input_ranks(
             True, query=query_shape, value=value_shape, key=key_shape
         )

@@ -9,8 +9,9 @@ import keras
 from keras_multimax import ops
 from keras_multimax._cross_entropy import int_option
 from keras_multimax._cross_entropy import multimax_cross_entropy
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.layers._modulator import ModulatorParameters
+from keras_multimax.modulator import from_legacy_config
+from keras_multimax.modulator import pop_legacy_arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
@@ -45,13 +46,13 @@ class MultiMaxLMHead(ModulatorParameters, keras.layers.Layer):
     >>> import numpy as np
     >>> head = MultiMaxLMHead(vocab_size=10)
     >>> hidden = np.random.default_rng(0).normal(size=(2, 3, 4))
-    >>> head(hidden).shape  # logits
-    TensorShape([2, 3, 10])
-    >>> head(hidden, labels=np.zeros((2, 3), "int32")).shape  # loss per token
-    TensorShape([2, 3])
+    >>> tuple(head(hidden).shape)  # logits
+    (2, 3, 10)
+    >>> tuple(head(hidden, labels=np.zeros((2, 3), "int32")).shape)  # token losses
+    (2, 3)
     >>> values, ids = head(hidden, top_k=2)
-    >>> ids.shape
-    TensorShape([2, 3, 2])
+    >>> tuple(ids.shape)
+    (2, 3, 2)
 
     Args:
         vocab_size: Number of token ids (output columns).
@@ -63,13 +64,10 @@ class MultiMaxLMHead(ModulatorParameters, keras.layers.Layer):
         ignore_index: Optional label whose tokens get loss 0 and no gradient.
         kernel_initializer: Initializer of the kernel (untied heads).
         bias_initializer: Initializer of the bias.
-        order: Integer >= 1, the order K of the modulator.
-        ranges_initializer: Initializer of ``ranges``.
-        ts_initializer: Initializer of ``ts``; ``"zeros"`` starts as SoftMax.
-        ranges_regularizer: Optional regularizer of ``ranges``.
-        ts_regularizer: Optional regularizer of ``ts``.
-        ranges_constraint: Optional constraint of ``ranges``.
-        ts_constraint: Optional constraint of ``ts``.
+        modulator: The modulator's configuration: a
+            `keras_multimax.Modulator`, a name (``"softmax"``, the default:
+            ``ts = 0``, exactly SoftMax at the start; ``"paper"``: the
+            official initialisation) or its config dict.
         **kwargs: Base layer keyword arguments, such as ``name`` and ``dtype``.
 
     Call arguments:
@@ -97,15 +95,10 @@ class MultiMaxLMHead(ModulatorParameters, keras.layers.Layer):
         ignore_index: int | None = None,
         kernel_initializer: Any = "glorot_uniform",
         bias_initializer: Any = "zeros",
-        order: int = 2,
-        ranges_initializer: Any = DEFAULT_INITIALIZER,
-        ts_initializer: Any = DEFAULT_INITIALIZER,
-        ranges_regularizer: Any = None,
-        ts_regularizer: Any = None,
-        ranges_constraint: Any = None,
-        ts_constraint: Any = None,
+        modulator: Any = None,
         **kwargs,
     ):
+        modulator = pop_legacy_arguments(kwargs, modulator, type(self).__name__)
         super().__init__(**kwargs)
         if (
             isinstance(vocab_size, bool)
@@ -131,15 +124,7 @@ class MultiMaxLMHead(ModulatorParameters, keras.layers.Layer):
         self.ignore_index = ignore_index
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self._init_modulator(
-            order,
-            ranges_initializer,
-            ts_initializer,
-            ranges_regularizer,
-            ts_regularizer,
-            ranges_constraint,
-            ts_constraint,
-        )
+        self.modulator = modulator
 
     def build(self, inputs_shape, labels_shape=None):
         width = inputs_shape[-1]
@@ -228,12 +213,11 @@ class MultiMaxLMHead(ModulatorParameters, keras.layers.Layer):
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             }
         )
-        config.update(self._modulator_config())
         return config
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = from_legacy_config(dict(config))
         if config.get("tied_embedding") is not None:
             config["tied_embedding"] = keras.saving.deserialize_keras_object(
                 config["tied_embedding"]

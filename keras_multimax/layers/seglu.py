@@ -7,8 +7,8 @@ from typing import Any
 import keras
 
 from keras_multimax import ops
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.layers._modulator import ModulatorParameters
+from keras_multimax.modulator import pop_legacy_arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
@@ -19,8 +19,8 @@ class SegLU(ModulatorParameters, keras.layers.Layer):
 
         σ(x) = x + Σ_k t[2k]·relu(r[2k] − x)^(k+1) + t[2k+1]·relu(x − r[2k+1])^(k+1)
 
-    summed over k = 0 … K−1 (K = ``order``), with ``r`` the weight ``ranges``
-    and ``t`` the weight ``ts``, both of shape ``(2 * order,)``.
+    summed over k = 0 … K−1 (K = ``modulator.order``), with ``r`` the weight
+    ``ranges`` and ``t`` the weight ``ts``, both of shape ``(2 * order,)``.
 
     ``softmax(SegLU()(x))`` is ``MultiMax()(x)``: put `SegLU` last and train
     with e.g. ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``,
@@ -28,21 +28,19 @@ class SegLU(ModulatorParameters, keras.layers.Layer):
 
     Example:
 
+    >>> import keras
     >>> import numpy as np
-    >>> layer = SegLU(ts_initializer="zeros")
-    >>> layer(np.array([[-3.0, 0.5, 4.0]])).numpy()  # ts = 0: identity
+    >>> layer = SegLU()  # starts at ts = 0: the identity
+    >>> keras.ops.convert_to_numpy(layer(np.array([[-3.0, 0.5, 4.0]])))
     array([[-3. ,  0.5,  4. ]], dtype=float32)
 
     Args:
-        order: Integer >= 1, the order K of the modulator (the paper uses 2).
-        ranges_initializer: Initializer of ``ranges`` (the thresholds ``b``,
-            ``d``). Defaults to a truncated normal with standard deviation 0.02.
-        ts_initializer: Initializer of ``ts`` (the slopes ``t_b``, ``t_d``).
-            Defaults as ``ranges``; ``"zeros"`` starts as the identity.
-        ranges_regularizer: Optional regularizer of ``ranges``.
-        ts_regularizer: Optional regularizer of ``ts``.
-        ranges_constraint: Optional constraint of ``ranges``.
-        ts_constraint: Optional constraint of ``ts``.
+        modulator: The modulator's configuration: a
+            `keras_multimax.Modulator`, a name (``"softmax"``, the default:
+            ``ts = 0``, the identity at the start; ``"paper"``: the
+            official initialisation) or its config dict. Its order K, the
+            initializers, regularizers and constraints of ``ranges`` and
+            ``ts`` are set there.
         **kwargs: Base layer keyword arguments, such as ``name`` and ``dtype``.
 
     Call arguments:
@@ -56,27 +54,10 @@ class SegLU(ModulatorParameters, keras.layers.Layer):
         Learning", ICML 2024.
     """
 
-    def __init__(
-        self,
-        order: int = 2,
-        ranges_initializer: Any = DEFAULT_INITIALIZER,
-        ts_initializer: Any = DEFAULT_INITIALIZER,
-        ranges_regularizer: Any = None,
-        ts_regularizer: Any = None,
-        ranges_constraint: Any = None,
-        ts_constraint: Any = None,
-        **kwargs,
-    ):
+    def __init__(self, modulator: Any = None, **kwargs):
+        modulator = pop_legacy_arguments(kwargs, modulator, type(self).__name__)
         super().__init__(**kwargs)
-        self._init_modulator(
-            order,
-            ranges_initializer,
-            ts_initializer,
-            ranges_regularizer,
-            ts_regularizer,
-            ranges_constraint,
-            ts_constraint,
-        )
+        self.modulator = modulator
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -87,8 +68,3 @@ class SegLU(ModulatorParameters, keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._modulator_config())
-        return config

@@ -1,10 +1,12 @@
 """Model builders with SoftMax or MultiMax attention and output heads.
 
 Each builder is a functional, serializable `keras.Model` subclass taking
-``attention="multimax"|"softmax"`` and ``head="multimax"|"softmax"``; its
-``compile()`` defaults to AdamW with the MultiMax ``ranges``/``ts`` kept out of
-weight decay and a ``from_logits`` loss, and ``attention_maps(inputs)`` returns
-every layer's attention probabilities (see `keras_multimax.analysis`).
+``attention="multimax"|"softmax"``, ``head="multimax"|"softmax"`` and a
+``modulator``; its outputs are logits (train with a ``from_logits=True``
+loss), and ``attention_maps(inputs)`` returns every layer's attention
+probabilities (see `keras_multimax.analysis`). To keep the MultiMax
+``ranges``/``ts`` out of weight decay, call
+`exclude_modulator_from_weight_decay` on the optimizer before ``compile``.
 """
 
 from keras_multimax.models._blocks import NO_DECAY_NAMES

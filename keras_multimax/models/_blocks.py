@@ -8,7 +8,7 @@ import keras
 
 from keras_multimax.layers import MultiMaxAttention
 from keras_multimax.layers import SegLU
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
+from keras_multimax.modulator import Modulator
 
 ATTENTIONS = ("multimax", "softmax")
 HEADS = ("multimax", "softmax")
@@ -50,17 +50,11 @@ def validate_rate(name: str, value: Any) -> float:
     return float(value)
 
 
-def modulator_kwargs(order, per_head, ranges_initializer, ts_initializer) -> dict:
-    return {
-        "order": order,
-        "per_head": per_head,
-        "ranges_initializer": ranges_initializer,
-        "ts_initializer": ts_initializer,
-    }
-
-
-def serialize_initializer(initializer) -> Any:
-    return keras.initializers.serialize(keras.initializers.get(initializer))
+# The position embeddings' initializer (DeiT's).
+_EMBEDDING_INITIALIZER = {
+    "class_name": "TruncatedNormal",
+    "config": {"mean": 0.0, "stddev": 0.02, "seed": None},
+}
 
 
 def make_attention(
@@ -68,7 +62,8 @@ def make_attention(
     num_heads: int,
     hidden_dim: int,
     dropout: float,
-    modulator: dict,
+    modulator: Modulator,
+    per_head: bool,
     name: str,
 ) -> keras.layers.MultiHeadAttention:
     """`MultiMaxAttention` or `keras.layers.MultiHeadAttention`, same shapes."""
@@ -79,24 +74,18 @@ def make_attention(
         "name": name,
     }
     if kind == "multimax":
-        return MultiMaxAttention(**common, **modulator)
+        return MultiMaxAttention(**common, modulator=modulator, per_head=per_head)
     return keras.layers.MultiHeadAttention(**common)
 
 
 def make_head(
-    kind: str, units: int, modulator: dict, name: str
+    kind: str, units: int, modulator: Modulator, name: str
 ) -> list[keras.layers.Layer]:
     """Output logits: Dense, followed by SegLU for the MultiMax head."""
     dense = keras.layers.Dense(units, name=f"{name}_dense")
     if kind == "softmax":
         return [dense]
-    seglu = SegLU(
-        order=modulator["order"],
-        ranges_initializer=modulator["ranges_initializer"],
-        ts_initializer=modulator["ts_initializer"],
-        name=f"{name}_seglu",
-    )
-    return [dense, seglu]
+    return [dense, SegLU(modulator=modulator, name=f"{name}_seglu")]
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
@@ -117,7 +106,7 @@ class PositionEmbedding(keras.layers.Layer):
     def __init__(
         self,
         sequence_length: int,
-        initializer: Any = DEFAULT_INITIALIZER,
+        initializer: Any = _EMBEDDING_INITIALIZER,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -215,23 +204,21 @@ class TransformerBlock(keras.layers.Layer):
         num_heads: int,
         mlp_dim: int,
         dropout: float,
-        modulator: dict,
+        modulator: Modulator,
+        per_head: bool,
         cross_attention: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.cross = cross_attention
         self.norm1 = keras.layers.LayerNormalization(epsilon=1e-6, name="norm1")
-        self.attention = make_attention(
-            attention, num_heads, hidden_dim, dropout, modulator, "self_attention"
-        )
+        arguments = (attention, num_heads, hidden_dim, dropout, modulator, per_head)
+        self.attention = make_attention(*arguments, "self_attention")
         if cross_attention:
             self.norm_cross = keras.layers.LayerNormalization(
                 epsilon=1e-6, name="norm_cross"
             )
-            self.cross_attention = make_attention(
-                attention, num_heads, hidden_dim, dropout, modulator, "cross_attention"
-            )
+            self.cross_attention = make_attention(*arguments, "cross_attention")
         self.norm2 = keras.layers.LayerNormalization(epsilon=1e-6, name="norm2")
         self.mlp = _MLP(hidden_dim, mlp_dim, dropout, name="mlp")
         self.drop = keras.layers.Dropout(dropout, name="dropout")
@@ -465,71 +452,46 @@ def masked_token_accuracy(y_true, y_pred):
     return keras.ops.sum(hits) / keras.ops.maximum(keras.ops.sum(valid), 1.0)
 
 
-class CompileMixin:
-    """``compile()`` with defaults: AdamW without decay on ranges/ts, from_logits loss."""
-
-    _ignore_class: int | None = None
-    _default_metrics: tuple = ("accuracy",)
-
-    def compile(
-        self,
-        optimizer: Any = "auto",
-        loss: Any = "auto",
-        metrics: Any = "auto",
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.05,
-        **kwargs,
-    ):
-        """Configures the model for training, with defaults.
-
-        ``optimizer="auto"`` is ``keras.optimizers.AdamW(learning_rate,
-        weight_decay)``. For any AdamW (or optimizer with ``weight_decay``)
-        not yet built and without its own exclusions, the MultiMax ``ranges``
-        and ``ts`` (and biases, LayerNormalization ``gamma``/``beta``) are
-        excluded from weight decay (passed as ``var_list``). ``loss="auto"`` is
-        sparse categorical cross-entropy on the logits (``from_logits=True``;
-        padding id 0 ignored for the translator); ``metrics="auto"`` is token
-        or class accuracy. Other arguments go to `keras.Model.compile`.
-        """
-        if optimizer == "auto":
-            optimizer = keras.optimizers.AdamW(
-                learning_rate=learning_rate, weight_decay=weight_decay
-            )
-        optimizer = keras.optimizers.get(optimizer)
-        exclude_modulator_from_weight_decay(optimizer, self)
-        if loss == "auto":
-            loss = keras.losses.SparseCategoricalCrossentropy(
-                from_logits=True, ignore_class=self._ignore_class
-            )
-        if metrics == "auto":
-            metrics = list(self._default_metrics)
-        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
-
-    def compile_from_config(self, config):
-        """Recompiles a loaded model (`keras.saving.load_model`) through `compile`."""
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
-
 def exclude_modulator_from_weight_decay(
     optimizer: keras.optimizers.Optimizer, model: keras.Model
-) -> bool:
-    """Excludes `model`'s ranges/ts (and biases, norms) from weight decay.
+) -> list:
+    """Keeps `model`'s ranges/ts (and biases, norms) out of the optimizer's weight decay.
 
-    The variables are passed by identity
-    (``optimizer.exclude_from_weight_decay(var_list=...)``). Does nothing
-    (returns False) when the optimizer has no weight decay, is already built,
-    or already has exclusions configured by the user.
+    Call it before ``model.compile(optimizer, ...)`` (Keras configures
+    exclusions only before the optimizer is built). It calls Keras' public
+    ``optimizer.exclude_from_weight_decay(var_list=...)`` with the variables
+    named in `NO_DECAY_NAMES`, by identity; as that method does, it
+    replaces exclusions set earlier on the optimizer (to add your own, call
+    it yourself with this function's list plus yours).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_multimax import models
+    >>> model = models.vit_classifier((8, 8, 1), 10, patch_size=4, num_layers=1,
+    ...                               hidden_dim=8, num_heads=2, mlp_dim=8)
+    >>> optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.05)
+    >>> excluded = exclude_modulator_from_weight_decay(optimizer, model)
+    >>> sorted({v.name for v in excluded})
+    ['bias', 'beta', 'gamma', 'ranges', 'ts']
+    >>> model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(
+    ...     from_logits=True))
+
+    Args:
+        optimizer: An optimizer with weight decay, not yet built.
+        model: The model whose variables are excluded.
+
+    Returns:
+        The excluded variables.
     """
-    if not getattr(optimizer, "weight_decay", None) or optimizer.built:
-        return False
-    if getattr(optimizer, "_exclude_from_weight_decay", None) or getattr(
-        optimizer, "_exclude_from_weight_decay_pattern", None
-    ):
-        return False
-    optimizer.exclude_from_weight_decay(
-        var_list=[v for v in model.trainable_variables if v.name in NO_DECAY_NAMES]
-    )
-    return True
+    if not getattr(optimizer, "weight_decay", None):
+        raise ValueError(
+            "`optimizer` has no weight decay, so there is nothing to exclude "
+            "from it: pass an optimizer with `weight_decay`, e.g. "
+            "`keras.optimizers.AdamW`. Received: "
+            f"optimizer={type(optimizer).__name__} with "
+            f"weight_decay={getattr(optimizer, 'weight_decay', None)!r}"
+        )
+    excluded = [v for v in model.trainable_variables if v.name in NO_DECAY_NAMES]
+    optimizer.exclude_from_weight_decay(var_list=excluded)
+    return excluded

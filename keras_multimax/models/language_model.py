@@ -7,13 +7,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.layers.multimax_lm_head import MultiMaxLMHead
 from keras_multimax.models import _blocks
+from keras_multimax.modulator import from_legacy_config
+from keras_multimax.modulator import get as get_modulator
+from keras_multimax.modulator import pop_legacy_arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
-class TransformerLM(_blocks.CompileMixin, keras.Model):
+class TransformerLM(keras.Model):
     """Causal decoder-only transformer language model.
 
     Token embedding, a learned position embedding, ``num_layers`` pre-norm
@@ -29,15 +31,15 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
     labels, so the training step never holds the ``(batch, length,
     vocab_size)`` logits (`ops.multimax_cross_entropy`). The logits the
     model outputs are then unused in a compiled training step and pruned,
-    as long as no metric reads them: ``compile`` defaults to no metrics for
-    this model, and its ``loss`` argument is not used.
+    as long as no metric reads them: compile it without metrics on the
+    outputs; its ``loss`` argument is not used.
 
     Example:
 
     >>> model = TransformerLM(vocab_size=20, sequence_length=8, num_layers=1,
     ...                       hidden_dim=8, num_heads=2, mlp_dim=8)
-    >>> model(np.zeros((2, 8), "int32")).shape
-    TensorShape([2, 8, 20])
+    >>> tuple(model(np.zeros((2, 8), "int32")).shape)
+    (2, 8, 20)
 
     Args:
         vocab_size: Number of token ids.
@@ -52,10 +54,11 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
         head: ``"multimax"`` (SegLU on the logits) or ``"softmax"``.
         fused_head: Train the MultiMax head with the fused loss (needs
             ``head="multimax"``).
-        order: Order of the MultiMax modulators.
+        modulator: The configuration of every MultiMax modulator (attention
+            and head): a `keras_multimax.Modulator`, a name (``"softmax"``,
+            the default: ``ts = 0``; ``"paper"``: the official
+            initialisation) or its config dict.
         per_head: One modulator per attention head.
-        ranges_initializer: Initializer of every ``ranges``.
-        ts_initializer: Initializer of every ``ts``.
         **kwargs: `keras.Model` arguments (``name``, ``trainable``).
 
     Reference:
@@ -74,10 +77,8 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
         dropout: float = 0.0,
         attention: str = "multimax",
         head: str = "multimax",
-        order: int = 2,
+        modulator: Any = None,
         per_head: bool = False,
-        ranges_initializer: Any = DEFAULT_INITIALIZER,
-        ts_initializer: Any = DEFAULT_INITIALIZER,
         fused_head: bool = False,
         **kwargs,
     ):
@@ -103,8 +104,8 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
                 "`fused_head=True` trains the MultiMax head with its fused loss "
                 f"and needs head='multimax'. Received: head={head!r}"
             )
-        modulator = _blocks.modulator_kwargs(
-            order, per_head, ranges_initializer, ts_initializer
+        modulator = get_modulator(
+            pop_legacy_arguments(kwargs, modulator, type(self).__name__)
         )
 
         # === Layers ===
@@ -122,6 +123,7 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
                 mlp_dim,
                 dropout,
                 modulator,
+                per_head,
                 name=f"decoder_block_{i}",
             )
             for i in range(num_layers)
@@ -131,13 +133,7 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
         )
         if fused_head:
             self.head_layers = [
-                MultiMaxLMHead(
-                    vocab_size,
-                    order=order,
-                    ranges_initializer=ranges_initializer,
-                    ts_initializer=ts_initializer,
-                    name="head",
-                )
+                MultiMaxLMHead(vocab_size, modulator=modulator, name="head")
             ]
         else:
             self.head_layers = _blocks.make_head(head, vocab_size, modulator, "head")
@@ -157,15 +153,11 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
         self.dropout = dropout
         self.attention = attention
         self.head = head
-        self.order = order
+        self.modulator = modulator
         self.per_head = per_head
-        self.ranges_initializer = ranges_initializer
-        self.ts_initializer = ts_initializer
         # Compiled decoding loops of `generate`, one per option set.
         self._generate_functions = {}
         self.fused_head = bool(fused_head)
-        if fused_head:
-            self._default_metrics = ()  # a metric on the logits would compute them
 
     def _forward(self, token_ids, scores=None, training=None):
         x = self._hidden_states(token_ids, scores, training)
@@ -546,18 +538,14 @@ class TransformerLM(_blocks.CompileMixin, keras.Model):
             "dropout": self.dropout,
             "attention": self.attention,
             "head": self.head,
-            "order": self.order,
+            "modulator": keras.saving.serialize_keras_object(self.modulator),
             "per_head": self.per_head,
-            "ranges_initializer": _blocks.serialize_initializer(
-                self.ranges_initializer
-            ),
-            "ts_initializer": _blocks.serialize_initializer(self.ts_initializer),
             "fused_head": self.fused_head,
         }
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return cls(**from_legacy_config(dict(config)))
 
 
 def transformer_lm(vocab_size: int, sequence_length: int, **kwargs) -> TransformerLM:

@@ -7,14 +7,16 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.models import _blocks
+from keras_multimax.modulator import from_legacy_config
+from keras_multimax.modulator import get as get_modulator
+from keras_multimax.modulator import pop_legacy_arguments
 
 PAD_ID, START_ID, END_ID = 0, 1, 2
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
-class TransformerTranslator(_blocks.CompileMixin, keras.Model):
+class TransformerTranslator(keras.Model):
     """Encoder-decoder transformer for sequence-to-sequence translation.
 
     The encoder embeds the source ids (learned positions) and runs
@@ -39,10 +41,10 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
     ...     num_encoder_layers=1, num_decoder_layers=1, hidden_dim=8,
     ...     num_heads=2, mlp_dim=8)
     >>> src = np.array([[5, 6, 7, 0, 0, 0]], "int32")
-    >>> model([src, np.array([[1, 4, 5, 0]], "int32")]).shape
-    TensorShape([1, 4, 10])
-    >>> model.greedy_decode(src).shape
-    TensorShape([1, 4])
+    >>> tuple(model([src, np.array([[1, 4, 5, 0]], "int32")]).shape)
+    (1, 4, 10)
+    >>> tuple(model.greedy_decode(src).shape)
+    (1, 4)
 
     Args:
         source_vocab_size: Number of source token ids.
@@ -57,10 +59,11 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
         dropout: Dropout rate.
         attention: ``"multimax"`` or ``"softmax"``.
         head: ``"multimax"`` (SegLU on the logits) or ``"softmax"``.
-        order: Order of the MultiMax modulators.
+        modulator: The configuration of every MultiMax modulator (attention
+            and head): a `keras_multimax.Modulator`, a name (``"softmax"``,
+            the default: ``ts = 0``; ``"paper"``: the official
+            initialisation) or its config dict.
         per_head: One modulator per attention head.
-        ranges_initializer: Initializer of every ``ranges``.
-        ts_initializer: Initializer of every ``ts``.
         **kwargs: `keras.Model` arguments (``name``, ``trainable``).
 
     Reference:
@@ -68,9 +71,6 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
         Learning", ICML 2024; Vaswani et al., "Attention Is All You Need",
         NeurIPS 2017.
     """
-
-    _ignore_class = PAD_ID
-    _default_metrics = (_blocks.masked_token_accuracy,)
 
     def __init__(
         self,
@@ -86,10 +86,8 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
         dropout: float = 0.0,
         attention: str = "multimax",
         head: str = "multimax",
-        order: int = 2,
+        modulator: Any = None,
         per_head: bool = False,
-        ranges_initializer: Any = DEFAULT_INITIALIZER,
-        ts_initializer: Any = DEFAULT_INITIALIZER,
         **kwargs,
     ):
         for name, value in (
@@ -117,8 +115,8 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
         dropout = _blocks.validate_rate("dropout", dropout)
         _blocks.validate_choice("attention", attention, _blocks.ATTENTIONS)
         _blocks.validate_choice("head", head, _blocks.HEADS)
-        modulator = _blocks.modulator_kwargs(
-            order, per_head, ranges_initializer, ts_initializer
+        modulator = get_modulator(
+            pop_legacy_arguments(kwargs, modulator, type(self).__name__)
         )
 
         def blocks(prefix, n, cross):
@@ -179,10 +177,8 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
         self.dropout = dropout
         self.attention = attention
         self.head = head
-        self.order = order
+        self.modulator = modulator
         self.per_head = per_head
-        self.ranges_initializer = ranges_initializer
-        self.ts_initializer = ts_initializer
         # Compiled decoding loops of `greedy_decode`, one per `max_length`.
         self._greedy_functions = {}
 
@@ -361,17 +357,13 @@ class TransformerTranslator(_blocks.CompileMixin, keras.Model):
             "dropout": self.dropout,
             "attention": self.attention,
             "head": self.head,
-            "order": self.order,
+            "modulator": keras.saving.serialize_keras_object(self.modulator),
             "per_head": self.per_head,
-            "ranges_initializer": _blocks.serialize_initializer(
-                self.ranges_initializer
-            ),
-            "ts_initializer": _blocks.serialize_initializer(self.ts_initializer),
         }
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return cls(**from_legacy_config(dict(config)))
 
 
 def transformer_translator(

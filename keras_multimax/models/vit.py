@@ -8,12 +8,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_multimax.layers._modulator import DEFAULT_INITIALIZER
 from keras_multimax.models import _blocks
+from keras_multimax.modulator import from_legacy_config
+from keras_multimax.modulator import get as get_modulator
+from keras_multimax.modulator import pop_legacy_arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
-class ViTClassifier(_blocks.CompileMixin, keras.Model):
+class ViTClassifier(keras.Model):
     """Vision transformer classifier (DeiT-style, global average pooling).
 
     Patch embedding (a strided convolution), a learned position embedding,
@@ -24,14 +26,14 @@ class ViTClassifier(_blocks.CompileMixin, keras.Model):
     `keras_multimax.layers.MultiMaxAttention`; ``head="multimax"`` puts a
     `SegLU` modulator on the logits, so ``softmax(outputs)`` is MultiMax of
     the linear layer. The outputs are **logits** either way: train with
-    ``from_logits=True`` (what `compile()` does by default).
+    ``from_logits=True``.
 
     Example:
 
     >>> model = ViTClassifier((8, 8, 1), num_classes=10, patch_size=4,
     ...                       num_layers=1, hidden_dim=8, num_heads=2, mlp_dim=8)
-    >>> model(np.zeros((2, 8, 8, 1), "float32")).shape
-    TensorShape([2, 10])
+    >>> tuple(model(np.zeros((2, 8, 8, 1), "float32")).shape)
+    (2, 10)
 
     Args:
         image_shape: ``(height, width, channels)`` of the inputs; height and
@@ -46,11 +48,11 @@ class ViTClassifier(_blocks.CompileMixin, keras.Model):
         dropout: Dropout rate (attention probabilities, residual branches).
         attention: ``"multimax"`` or ``"softmax"``.
         head: ``"multimax"`` (SegLU on the logits) or ``"softmax"``.
-        order: Order of the MultiMax modulators.
+        modulator: The configuration of every MultiMax modulator (attention
+            and head): a `keras_multimax.Modulator`, a name (``"softmax"``,
+            the default: ``ts = 0``; ``"paper"``: the official
+            initialisation) or its config dict.
         per_head: One modulator per attention head.
-        ranges_initializer: Initializer of every ``ranges``.
-        ts_initializer: Initializer of every ``ts`` (``"zeros"`` starts as
-            exact SoftMax).
         **kwargs: `keras.Model` arguments (``name``, ``trainable``).
 
     Reference:
@@ -71,10 +73,8 @@ class ViTClassifier(_blocks.CompileMixin, keras.Model):
         dropout: float = 0.0,
         attention: str = "multimax",
         head: str = "multimax",
-        order: int = 2,
+        modulator: Any = None,
         per_head: bool = False,
-        ranges_initializer: Any = DEFAULT_INITIALIZER,
-        ts_initializer: Any = DEFAULT_INITIALIZER,
         **kwargs,
     ):
         image_shape = tuple(image_shape)
@@ -105,8 +105,8 @@ class ViTClassifier(_blocks.CompileMixin, keras.Model):
         dropout = _blocks.validate_rate("dropout", dropout)
         _blocks.validate_choice("attention", attention, _blocks.ATTENTIONS)
         _blocks.validate_choice("head", head, _blocks.HEADS)
-        modulator = _blocks.modulator_kwargs(
-            order, per_head, ranges_initializer, ts_initializer
+        modulator = get_modulator(
+            pop_legacy_arguments(kwargs, modulator, type(self).__name__)
         )
         num_patches = (image_shape[0] // patch_size) * (image_shape[1] // patch_size)
 
@@ -128,6 +128,7 @@ class ViTClassifier(_blocks.CompileMixin, keras.Model):
                 mlp_dim,
                 dropout,
                 modulator,
+                per_head,
                 name=f"encoder_block_{i}",
             )
             for i in range(num_layers)
@@ -154,10 +155,8 @@ class ViTClassifier(_blocks.CompileMixin, keras.Model):
         self.dropout = dropout
         self.attention = attention
         self.head = head
-        self.order = order
+        self.modulator = modulator
         self.per_head = per_head
-        self.ranges_initializer = ranges_initializer
-        self.ts_initializer = ts_initializer
 
     def _forward(self, images, scores=None, training=None):
         x = self.patch_reshape(self.patch_embedding(images))
@@ -201,17 +200,13 @@ class ViTClassifier(_blocks.CompileMixin, keras.Model):
             "dropout": self.dropout,
             "attention": self.attention,
             "head": self.head,
-            "order": self.order,
+            "modulator": keras.saving.serialize_keras_object(self.modulator),
             "per_head": self.per_head,
-            "ranges_initializer": _blocks.serialize_initializer(
-                self.ranges_initializer
-            ),
-            "ts_initializer": _blocks.serialize_initializer(self.ts_initializer),
         }
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return cls(**from_legacy_config(dict(config)))
 
 
 def vit_classifier(
