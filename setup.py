@@ -30,6 +30,7 @@ EXTRAS = {
 EXTRAS["test"] = sorted(
     {
         "pytest>=7",
+        "pytest-xdist>=3",
         "ruff>=0.6",
         *EXTRAS["examples"],
         *EXTRAS["export"],
