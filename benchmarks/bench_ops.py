@@ -28,6 +28,7 @@ import _common  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from keras_multimax import config  # noqa: E402
 from keras_multimax import ops  # noqa: E402
 
 SHAPES = {
