@@ -8,13 +8,16 @@
   and ``from_preset`` (imported with the package when keras-hub is
   installed).
 - ``models``: ViT, language-model and translator builders with SoftMax or
-  MultiMax; ``data``: their input pipelines; ``analysis``: attention sparsity,
-  multi-modality, a parameter logger and plots; ``distribute``: strategy
+  MultiMax; ``analysis``: attention sparsity and multi-modality (the paper's
+  metrics) and a parameter logger; ``distribute``: strategy
   choice (TPU > workers > GPUs > CPU) that works with Keras' ``fit``;
   ``export.export_all``: every deployment format, checked against Keras;
   ``config``: global switches (the fused TensorFlow forward).
 
 Backends: TensorFlow and JAX (``keras_multimax/backend/<name>/``).
+
+Not imported here: ``keras_multimax.toolkit``, the examples' input pipelines,
+plots and step timer (with heavier dependencies; see its docstring).
 """
 
 import importlib.util
@@ -26,7 +29,6 @@ from keras_multimax import backend  # noqa: F401  # isort: skip
 from keras_multimax import analysis
 from keras_multimax import config
 from keras_multimax import convert
-from keras_multimax import data
 from keras_multimax import distribute
 from keras_multimax import export
 from keras_multimax import layers
@@ -45,10 +47,17 @@ __all__ = [
     "analysis",
     "config",
     "convert",
-    "data",
     "distribute",
     "export",
     "layers",
     "models",
     "ops",
 ]
+
+
+def __getattr__(name: str):
+    # `keras_multimax.data` without importing it first, as before 0.3.0: the
+    # deprecated module (it warns; removed in 0.4.0).
+    if name == "data":
+        return importlib.import_module("keras_multimax.data")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
