@@ -45,9 +45,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_multimax import data  # noqa: E402
 from keras_multimax import export  # noqa: E402
 from keras_multimax import models  # noqa: E402
+from keras_multimax.toolkit import data  # noqa: E402
 
 # tf.data pipelines are shuffled already; Keras warns that fit's shuffle is unused.
 warnings.filterwarnings("ignore", message=".*shuffle=True.*")

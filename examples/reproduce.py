@@ -3,7 +3,7 @@
     python examples/reproduce.py [--output-dir outputs/reproduce] [--seeds 0 1 2]
 
 Tasks (offline defaults; tensorflow-datasets is used when the dataset is
-prepared locally, see `keras_multimax.data`):
+prepared locally, see `keras_multimax.toolkit.data`):
 
 - image classification: a ViT on handwritten digits (tfds ``mnist``);
 - character language modelling: a causal transformer on CPython's English
@@ -39,8 +39,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_multimax import analysis  # noqa: E402
-from keras_multimax import data  # noqa: E402
 from keras_multimax import models  # noqa: E402
+from keras_multimax.toolkit import data  # noqa: E402
+from keras_multimax.toolkit import timing  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*shuffle=True.*")
 
@@ -91,7 +92,7 @@ def parse_args(argv=None):
 
 
 def _fit(model, task, epochs, seed):
-    timer = analysis.StepTimer(warmup=5)
+    timer = timing.StepTimer(warmup=5)
     keras.utils.set_random_seed(seed)
     model.fit(task.train, epochs=epochs, callbacks=[timer], verbose=2)
     return 1000 * timer.median()
