@@ -45,6 +45,7 @@ from keras_multimax import models  # noqa: E402
 from keras_multimax.toolkit import data  # noqa: E402
 from keras_multimax.toolkit import plots  # noqa: E402
 from keras_multimax.toolkit import timing  # noqa: E402
+from keras_multimax.toolkit import training  # noqa: E402
 
 # tf.data pipelines are shuffled already; Keras warns that fit's shuffle is unused.
 warnings.filterwarnings("ignore", message=".*shuffle=True.*")
@@ -121,7 +122,7 @@ def build(kind, task, patch_size, smoke):
         name=f"vit_{kind}",
         **size,
     )
-    model.compile(learning_rate=2e-3, weight_decay=0.05)
+    training.compile_with_adamw(model, learning_rate=2e-3, weight_decay=0.05)
     return model
 
 

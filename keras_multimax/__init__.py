@@ -61,7 +61,6 @@ __all__ = [
     "convert",
     "distribute",
     "export",
-    "hub",
     "layers",
     "models",
     "modulator",
