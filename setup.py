@@ -14,8 +14,14 @@ VERSION = re.search(
 ).group(1)
 
 EXTRAS = {
-    # Plots, the digits fallback and the LiteRT check of the quickstart.
-    "examples": ["matplotlib>=3.7", "scikit-learn>=1.3", "ai-edge-litert"],
+    # keras_multimax.toolkit (tfds pipelines, plots, the digits fallback) and
+    # the LiteRT check of the quickstart.
+    "examples": [
+        "tensorflow-datasets",
+        "matplotlib>=3.7",
+        "scikit-learn>=1.3",
+        "ai-edge-litert",
+    ],
     # Runtimes to check exported models (LiteRT interpreter, ONNX), and the
     # offline digits that examples/export.py trains on.
     "export": ["ai-edge-litert", "onnxruntime", "tf2onnx", "onnx", "scikit-learn>=1.3"],
@@ -30,6 +36,7 @@ EXTRAS = {
 EXTRAS["test"] = sorted(
     {
         "pytest>=7",
+        "pytest-xdist>=3",
         "ruff>=0.6",
         *EXTRAS["examples"],
         *EXTRAS["export"],
@@ -50,7 +57,7 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["keras_multimax", "keras_multimax.*"]),
     python_requires=">=3.10",
-    install_requires=["tensorflow>=2.16", "keras>=3", "tensorflow-datasets", "numpy"],
+    install_requires=["tensorflow>=2.16", "keras>=3", "numpy"],
     extras_require=EXTRAS,
     classifiers=[
         "Programming Language :: Python :: 3",

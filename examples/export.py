@@ -45,9 +45,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_multimax import data  # noqa: E402
 from keras_multimax import export  # noqa: E402
 from keras_multimax import models  # noqa: E402
+from keras_multimax.toolkit import data  # noqa: E402
+from keras_multimax.toolkit import training  # noqa: E402
 
 # tf.data pipelines are shuffled already; Keras warns that fit's shuffle is unused.
 warnings.filterwarnings("ignore", message=".*shuffle=True.*")
@@ -103,7 +104,7 @@ def train_model(task, args):
         name="vit_multimax",
         **size,
     )
-    model.compile(learning_rate=2e-3, weight_decay=0.05)
+    training.compile_with_adamw(model, learning_rate=2e-3, weight_decay=0.05)
     epochs = args.epochs or (1 if args.smoke else 5)
     print(
         f"Training a MultiMax ViT ({model.count_params():,} parameters), {epochs} epochs"

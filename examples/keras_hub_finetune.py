@@ -3,7 +3,7 @@
     python examples/keras_hub_finetune.py [--preset DIR_OR_HANDLE] [--output-dir DIR]
 
 Needs the keras-hub extra (``pip install -e ".[keras-hub]"``). The text is
-the offline default of `keras_multimax.data` (the English documentation that
+the offline default of `keras_multimax.toolkit.data` (the English documentation that
 ships with CPython, ``pydoc_data.topics``, split 90/10 in order).
 
 - With ``--preset``, loads that KerasHub causal LM (``keras_hub.models.
@@ -75,7 +75,7 @@ def parse_args(argv=None):
 
 
 def python_docs_text() -> tuple[str, str]:
-    """The offline text of `keras_multimax.data` ("pydoc"), split 90/10."""
+    """The offline text of `keras_multimax.toolkit.data` ("pydoc"), split 90/10."""
     from pydoc_data import topics
 
     text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))

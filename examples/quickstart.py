@@ -1,6 +1,6 @@
 """Quickstart: a small vision transformer with SoftMax and with MultiMax, side by side.
 
-    python examples/quickstart.py [--output-dir outputs/quickstart]
+    python examples/quickstart.py [--output-dir outputs/quickstart] [--results PATH]
 
 Trains the same ViT twice on handwritten digits (tensorflow-datasets' MNIST
 when it is already prepared on this machine, otherwise scikit-learn's bundled
@@ -10,7 +10,10 @@ Then it
 
 - prints a comparison table: test accuracy, attention sparsity and
   multi-modality (the paper's Definitions 3.2/3.3, see
-  `keras_multimax.analysis`), median training step time;
+  `keras_multimax.analysis`), median training step time, and the same
+  metrics per layer, and writes both tables to a Markdown file (``--results``,
+  default ``<output-dir>/results.md``; the README's table is checked against
+  it by tests/test_quickstart.py);
 - writes PNG plots into the output directory: the learned modulators σ, the
   attention maps of both models for the same image, the simplex picture;
 - exports the MultiMax model as `.keras`, SavedModel and `.tflite` there and
@@ -24,7 +27,9 @@ About 3-5 minutes on 2 CPU cores. ``--smoke`` runs a seconds-long version
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import platform
 import sys
 import time
 import warnings
@@ -35,9 +40,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_multimax import analysis  # noqa: E402
-from keras_multimax import data  # noqa: E402
 from keras_multimax import export  # noqa: E402
 from keras_multimax import models  # noqa: E402
+from keras_multimax.toolkit import data  # noqa: E402
+from keras_multimax.toolkit import plots  # noqa: E402
+from keras_multimax.toolkit import timing  # noqa: E402
+from keras_multimax.toolkit import training  # noqa: E402
 
 # tf.data pipelines are shuffled already; Keras warns that fit's shuffle is unused.
 warnings.filterwarnings("ignore", message=".*shuffle=True.*")
@@ -54,6 +62,12 @@ def parse_args(argv=None):
         "--output-dir",
         default=os.path.join("outputs", "quickstart"),
         help="where plots and exported models go (default: outputs/quickstart)",
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="Markdown file for the results tables "
+        "(default: results.md in the output directory)",
     )
     parser.add_argument(
         "--dataset",
@@ -108,7 +122,7 @@ def build(kind, task, patch_size, smoke):
         name=f"vit_{kind}",
         **size,
     )
-    model.compile(learning_rate=2e-3, weight_decay=0.05)
+    training.compile_with_adamw(model, learning_rate=2e-3, weight_decay=0.05)
     return model
 
 
@@ -116,7 +130,7 @@ def train_and_measure(kind, task, patch_size, args, eval_images):
     keras.utils.set_random_seed(args.seed)
     model = build(kind, task, patch_size, args.smoke)
     epochs = args.epochs or (1 if args.smoke else 30)
-    timer = analysis.StepTimer(warmup=5)
+    timer = timing.StepTimer(warmup=5)
     callbacks = [timer]
     logger = None
     if kind == "multimax":
@@ -172,22 +186,58 @@ def print_table(rows):
     return table
 
 
+def _cpu() -> str:
+    """The CPU's name and, on Linux, its family and model (which set its kernels)."""
+    fields = {}
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f", family {fields['cpu family']} model {fields['model']}"
+    return f"{name}, {platform.machine()}, {platform.system()}"
+
+
+def measured_on() -> str:
+    """One line: where the figures were measured, for the results file.
+
+    Training results are the same run after run on one machine, but a
+    different CPU (other vector instructions in XLA and oneDNN kernels), core
+    count or library version changes their last digits.
+    """
+    backend = keras.backend.backend()
+    version = importlib.import_module(backend).__version__
+    names = {"tensorflow": "TensorFlow", "jax": "JAX"}
+    cores = (
+        len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count()
+    )
+    return (
+        f"Measured on {cores} CPU cores ({_cpu()}) with "
+        f"{names.get(backend, backend)} {version}, Keras {keras.version()}, "
+        f"NumPy {np.__version__}."
+    )
+
+
 def write_plots(softmax_model, multimax_model, eval_images, output_dir):
     paths = {}
     paths["modulators"] = os.path.join(output_dir, "modulators.png")
-    analysis.plot_modulators(multimax_model, paths["modulators"])
+    plots.plot_modulators(multimax_model, paths["modulators"])
     image = eval_images[:1]
     maps = {}
     for label, model in (("SoftMax", softmax_model), ("MultiMax", multimax_model)):
         first = next(iter(model.attention_maps(image).values()))[0]
         maps[label] = first[0]  # (heads, queries, keys): the head mean is shown
     paths["attention"] = os.path.join(output_dir, "attention_maps.png")
-    analysis.plot_attention_maps(
+    plots.plot_attention_maps(
         maps, paths["attention"], title="First encoder block, same test image"
     )
     attention = multimax_model.blocks[0].attention
     paths["simplex"] = os.path.join(output_dir, "simplex.png")
-    analysis.plot_simplex(attention.ranges, attention.ts, paths["simplex"])
+    plots.plot_simplex(attention.ranges, attention.ts, paths["simplex"])
     return paths
 
 
@@ -220,7 +270,7 @@ def main(argv=None):
         f"Data: {task.source}, {task.info['num_train']} training / "
         f"{task.info['num_test']} test images of shape {task.info['input_shape']}"
     )
-    eval_images = next(iter(task.test))[0].numpy()
+    eval_images = next(task.test.as_numpy_iterator())[0]
 
     rows, trained = [], {}
     for kind in ("softmax", "multimax"):
@@ -234,8 +284,12 @@ def main(argv=None):
         f"(attention metrics: mean over layers, {len(eval_images)} test images)"
     )
     table = print_table(rows)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
+    where = measured_on()
+    print(where)
+    results = args.results or os.path.join(args.output_dir, "results.md")
+    with open(results, "w") as f:
+        f.write(f"{where}\n\n{table}\n")
+    print(f"Tables written to {results}")
 
     paths = write_plots(
         trained["softmax"], trained["multimax"], eval_images, args.output_dir

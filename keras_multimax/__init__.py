@@ -23,9 +23,14 @@ keras_multimax.export``), since they need more than Keras:
 - ``distribute``: strategy choice (``tf.distribute`` on TensorFlow, a
   ``keras.distribution`` on JAX);
 - ``analysis``: the paper's attention sparsity and multi-modality, and a
-  logger of the modulators.
+  logger of the modulators;
+- ``data``: deprecated alias of ``keras_multimax.toolkit.data`` (it warns;
+  removed in 0.4.0).
 
 Backends: TensorFlow and JAX (``keras_multimax/backend/<name>/``).
+
+Not imported here: ``keras_multimax.toolkit``, the examples' input pipelines,
+plots and step timer (with heavier dependencies; see its docstring).
 """
 
 import importlib
@@ -56,7 +61,6 @@ __all__ = [
     "convert",
     "distribute",
     "export",
-    "hub",
     "layers",
     "models",
     "modulator",
@@ -65,6 +69,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    # `keras_multimax.data` works without an import, as before 0.3.0: it is
+    # the deprecated module, which warns.
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,48 +1,70 @@
-"""Measuring what MultiMax does: attention sparsity and multi-modality, logs, plots.
+"""Measuring what MultiMax does: attention sparsity and multi-modality, a logger.
 
 - `attention_sparsity` and `attention_multimodality`: the paper's metrics
   (Definitions 3.2 and 3.3), per attention row, averaged;
 - `attention_statistics`: both metrics for every attention layer of a model
   built by `keras_multimax.models` (which expose ``attention_maps``);
+- `modulator_layers`: every layer of a model with ``ranges`` and ``ts``;
 - `ModulatorLogger`: a Keras callback that records every layer's ``ranges``
-  and ``ts`` and writes them as TensorBoard scalars;
-- `plot_modulators`, `plot_attention_maps`, `plot_simplex`: matplotlib figures
-  (matplotlib is an optional extra, ``pip install keras-multimax[examples]``;
-  it is imported only when a plot is made).
+  and ``ts`` and can write them as TensorBoard scalars.
+
+All of it works on every Keras backend; TensorFlow is imported only by a
+`ModulatorLogger` that writes TensorBoard files. The plots and `StepTimer`
+moved to `keras_multimax.toolkit` (`toolkit.plots`, `toolkit.timing`); their
+old names here still work until 0.4.0, with a `DeprecationWarning`.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-import time
-from collections.abc import Mapping
-from collections.abc import Sequence
+import warnings
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
-
-from keras_multimax import ops
 
 __all__ = [
     "ModulatorLogger",
-    "StepTimer",
     "attention_multimodality",
     "attention_sparsity",
     "attention_statistics",
     "modulator_layers",
-    "plot_attention_maps",
-    "plot_modulators",
-    "plot_simplex",
 ]
+
+# Names that moved to the toolkit in 0.3.0: name -> module that holds it now.
+_MOVED = {
+    "StepTimer": "keras_multimax.toolkit.timing",
+    "plot_attention_maps": "keras_multimax.toolkit.plots",
+    "plot_modulators": "keras_multimax.toolkit.plots",
+    "plot_simplex": "keras_multimax.toolkit.plots",
+}
+
+
+def __getattr__(name: str):
+    """The moved names, with a `DeprecationWarning` (removed in 0.4.0)."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"`keras_multimax.analysis.{name}` moved to `{_MOVED[name]}.{name}`; "
+        "the old name will be removed in 0.4.0.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(_MOVED[name]), name)
+
 
 DEFAULT_RELATIVE_EPSILON = 0.1
 
 
+def _numpy(x) -> np.ndarray:
+    """A tensor of any Keras backend, or an array-like, as a NumPy array."""
+    return keras.ops.convert_to_numpy(x) if keras.ops.is_tensor(x) else np.asarray(x)
+
+
 def _rows(probs, mask) -> tuple[np.ndarray, np.ndarray]:
     """Returns probabilities and a boolean validity mask, both (rows, L)."""
-    probs = np.asarray(probs, dtype=np.float64)
+    probs = _numpy(probs).astype(np.float64)
     if probs.ndim < 1 or probs.shape[-1] < 1:
         raise ValueError(
             "`probs` must have the entries of each distribution on its last "
@@ -51,7 +73,7 @@ def _rows(probs, mask) -> tuple[np.ndarray, np.ndarray]:
     if mask is None:
         mask = np.ones(probs.shape, dtype=bool)
     else:
-        mask = np.asarray(mask)
+        mask = _numpy(mask)
         try:
             mask = np.broadcast_to(mask.astype(bool), probs.shape)
         except ValueError:
@@ -268,20 +290,36 @@ def modulator_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
     return found
 
 
-def _write_scalar(tag: str, value: float, step: int) -> None:
-    """Writes a TensorBoard scalar with TensorFlow alone.
+class _ScalarWriter:
+    """TensorBoard scalars written with TensorFlow alone, imported here.
 
     `tf.summary.scalar` needs the `tensorboard` package installed; this writes
-    the same event (a float32 tensor summary tagged for TensorBoard's
+    the same events (float32 tensor summaries tagged for TensorBoard's
     ``scalars`` plugin) with the core `tf.summary.write`.
     """
-    from tensorflow.core.framework import summary_pb2
 
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
-    tf.summary.write(
-        tag, tf.constant(value, dtype=tf.float32), step=step, metadata=metadata
-    )
+    def __init__(self, log_dir: str):
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        self._tf = tf
+        self._metadata = summary_pb2.SummaryMetadata()
+        self._metadata.plugin_data.plugin_name = "scalars"
+        self._writer = tf.summary.create_file_writer(log_dir)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        tf = self._tf
+        with self._writer.as_default(step=step):
+            for tag, value in scalars.items():
+                tf.summary.write(
+                    tag,
+                    tf.constant(value, dtype=tf.float32),
+                    step=step,
+                    metadata=self._metadata,
+                )
+
+    def flush(self) -> None:
+        self._writer.flush()
 
 
 class ModulatorLogger(keras.callbacks.Callback):
@@ -293,6 +331,10 @@ class ModulatorLogger(keras.callbacks.Callback):
     ``modulator/<layer_path>/ranges_<i>`` (``ranges_h<head>_<i>`` for
     per-head parameters), so ``tensorboard --logdir <log_dir>`` shows how the
     thresholds and slopes move.
+
+    Works on every Keras backend. Writing TensorBoard files needs TensorFlow
+    (its summary writer): it is imported when training starts, and only if
+    ``log_dir`` is given; without ``log_dir`` TensorFlow is not used.
 
     Example:
 
@@ -308,7 +350,8 @@ class ModulatorLogger(keras.callbacks.Callback):
 
     Args:
         log_dir: Optional TensorBoard log directory (a ``modulator``
-            sub-directory is written).
+            sub-directory is written); needs TensorFlow. None keeps the
+            values in ``history`` only.
         update_freq: ``"epoch"`` or an integer: log every that many batches.
     """
 
@@ -332,9 +375,7 @@ class ModulatorLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.log_dir is not None and self._writer is None:
-            self._writer = tf.summary.create_file_writer(
-                os.path.join(self.log_dir, "modulator")
-            )
+            self._writer = _ScalarWriter(os.path.join(self.log_dir, "modulator"))
         if not self.steps:
             self._record(0)
 
@@ -353,244 +394,16 @@ class ModulatorLogger(keras.callbacks.Callback):
 
     def _record(self, step: int):
         self.steps.append(step)
+        scalars = {}
         for layer in modulator_layers(self.model):
             entry = self.history.setdefault(layer.path, {"ranges": [], "ts": []})
             for name in ("ranges", "ts"):
-                value = keras.ops.convert_to_numpy(getattr(layer, name))
-                entry[name].append(np.array(value))
-                if self._writer is not None:
-                    with self._writer.as_default(step=step):
-                        for index in np.ndindex(value.shape):
-                            label = "_".join(
-                                [f"h{i}" for i in index[:-1]] + [str(index[-1])]
-                            )
-                            _write_scalar(
-                                f"modulator/{layer.path}/{name}_{label}",
-                                float(value[index]),
-                                step,
-                            )
-
-
-class StepTimer(keras.callbacks.Callback):
-    """Wall time of every training step (``fit`` batch), for speed comparisons.
-
-    ``step_times`` holds the seconds of each batch; `median` skips the first
-    ``warmup`` batches (tracing and compilation).
-
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    >>> model.compile("sgd", "mse")
-    >>> timer = StepTimer(warmup=1)
-    >>> _ = model.fit(np.ones((8, 3)), np.ones(8), batch_size=2, verbose=0,
-    ...               callbacks=[timer])
-    >>> len(timer.step_times), timer.median() > 0
-    (4, True)
-
-    Args:
-        warmup: Number of first batches left out of `median`.
-    """
-
-    def __init__(self, warmup: int = 5):
-        super().__init__()
-        self.warmup = warmup
-        self.step_times: list[float] = []
-        self._start = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.step_times.append(time.perf_counter() - self._start)
-
-    def median(self) -> float:
-        """Median step time in seconds after the warm-up (all steps if fewer)."""
-        times = self.step_times[self.warmup :] or self.step_times
-        return float(np.median(times)) if times else float("nan")
-
-
-# ---------------------------------------------------------------------------
-# Plots (matplotlib imported lazily)
-# ---------------------------------------------------------------------------
-
-
-def _pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError(
-            "Plots need matplotlib: pip install 'keras-multimax[examples]'"
-        ) from e
-    return plt
-
-
-def _save(fig, path):
-    if path is not None:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        _pyplot().close(fig)
-    return fig
-
-
-def plot_modulators(
-    model: keras.layers.Layer,
-    path: str | None = None,
-    x_range: tuple[float, float] = (-6.0, 6.0),
-):
-    """Plots the learned modulator σ(x) of every MultiMax layer of `model`.
-
-    One panel per layer (one curve per head for per-head parameters), with the
-    identity (SoftMax) dashed: σ below the identity for small x pushes those
-    entries towards zero (sparsity), σ flattening for large x keeps several
-    large entries comparable (multi-modality).
-
-    Args:
-        model: A model or layer containing MultiMax layers.
-        path: PNG file to write; None returns the figure open.
-        x_range: Range of inputs x.
-
-    Returns:
-        The matplotlib figure.
-    """
-    plt = _pyplot()
-    found = modulator_layers(model)
-    if not found:
-        raise ValueError(
-            "`model` has no layer with `ranges` and `ts` weights. "
-            f"Received: model={model.name!r}"
-        )
-    cols = min(4, len(found))
-    rows = -(-len(found) // cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False
-    )
-    x = np.linspace(*x_range, 401).astype("float32")
-    for ax, layer in zip(axes.flat, found):
-        ranges = keras.ops.convert_to_numpy(layer.ranges)
-        ts = keras.ops.convert_to_numpy(layer.ts)
-        params = [(ranges, ts)] if ranges.ndim == 1 else list(zip(ranges, ts))
-        for h, (r, t) in enumerate(params):
-            sigma = ops.seglu(x, r, t).numpy()
-            ax.plot(x, sigma, label=f"head {h}" if len(params) > 1 else "σ(x)")
-        ax.plot(x, x, "k--", lw=0.8, label="identity (SoftMax)")
-        ax.set_title(layer.path, fontsize=8)
-        ax.set_xlabel("x")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=6)
-    for ax in list(axes.flat)[len(found) :]:
-        ax.axis("off")
-    fig.suptitle("Learned MultiMax modulators σ")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_attention_maps(
-    maps: Mapping[str, Any],
-    path: str | None = None,
-    title: str | None = None,
-):
-    """Plots attention maps side by side, e.g. SoftMax and MultiMax for one input.
-
-    Args:
-        maps: ``{label: probs}`` with ``probs`` of shape ``(queries, keys)``
-            (or ``(heads, queries, keys)``: the head mean is shown).
-        path: PNG file to write; None returns the figure open.
-        title: Optional figure title.
-
-    Returns:
-        The matplotlib figure.
-    """
-    plt = _pyplot()
-    if not maps:
-        raise ValueError("`maps` must contain at least one attention map.")
-    fig, axes = plt.subplots(
-        1,
-        len(maps),
-        figsize=(3.6 * len(maps) + 0.8, 3.3),
-        squeeze=False,
-        constrained_layout=True,
-    )
-    vmax = 0.0
-    arrays = {}
-    for label, probs in maps.items():
-        probs = np.asarray(probs, dtype="float64")
-        if probs.ndim == 3:
-            probs = probs.mean(axis=0)
-        if probs.ndim != 2:
-            raise ValueError(
-                "Each attention map must have shape (queries, keys) or (heads, "
-                f"queries, keys). Received: {label!r} with shape {probs.shape}"
-            )
-        arrays[label] = probs
-        vmax = max(vmax, float(probs.max()))
-    for ax, (label, probs) in zip(axes.flat, arrays.items()):
-        image = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=vmax)
-        ax.set_title(label)
-        ax.set_xlabel("key")
-        ax.set_ylabel("query")
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
-
-
-def _barycentric(p: np.ndarray) -> np.ndarray:
-    corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
-    return p @ corners
-
-
-def plot_simplex(
-    ranges=None,
-    ts=None,
-    path: str | None = None,
-    temperatures: Sequence[float] = (0.25, 1.0, 4.0),
-):
-    """The paper's simplex picture: SoftMax vs MultiMax on 3-entry inputs.
-
-    Inputs ``v = (1, u, -1)`` for ``u`` from -1 to 1 are mapped by SoftMax at
-    several temperatures and by MultiMax with the given modulator, and the
-    output distributions are drawn on the probability simplex Δ² (vertices:
-    unimodal, edges: bimodal, interior: trimodal). A good normaliser moves
-    towards the edge between the first two entries as ``u`` grows (keeps the
-    second mode) while ignoring the negative entry (sparsity).
-
-    Args:
-        ranges: Modulator thresholds of shape ``(2*order,)`` (e.g. a trained
-            layer's ``ranges``); None for an illustrative order-2 modulator.
-        ts: Modulator slopes, same shape.
-        path: PNG file to write; None returns the figure open.
-        temperatures: SoftMax temperatures drawn for comparison.
-
-    Returns:
-        The matplotlib figure.
-
-    Reference:
-        Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
-        Learning", ICML 2024, Figure 1.
-    """
-    plt = _pyplot()
-    if (ranges is None) != (ts is None):
-        raise ValueError("Pass both `ranges` and `ts`, or neither.")
-    if ranges is None:
-        # Illustrative: steeper below 0 (sparsity), flatter above 0.5
-        # (multi-modality), as the trained modulators of the paper.
-        ranges = np.array([0.0, 0.5, 0.0, 0.5], dtype="float32")
-        ts = np.array([3.0, -0.5, 0.0, 0.0], dtype="float32")
-    ranges = np.asarray(keras.ops.convert_to_numpy(ranges), dtype="float32")
-    ts = np.asarray(keras.ops.convert_to_numpy(ts), dtype="float32")
-    u = np.linspace(-1.0, 1.0, 41, dtype="float32")
-    v = np.stack([np.ones_like(u), u, -np.ones_like(u)], axis=-1)
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
-    triangle = _barycentric(np.eye(3))
-    ax.plot(*np.vstack([triangle, triangle[:1]]).T, "k-", lw=0.8)
-    for label, corner in zip(("entry 1", "entry 2", "entry 3 (negative)"), triangle):
-        ax.annotate(label, corner, fontsize=8, ha="center", va="bottom")
-    for temp in temperatures:
-        p = tf.nn.softmax(v / temp).numpy()
-        ax.plot(*_barycentric(p).T, "-", lw=1.2, label=f"SoftMax, T={temp:g}")
-    p = ops.multimax(v, ranges, ts).numpy()
-    ax.plot(*_barycentric(p).T, "r-", lw=2.0, label="MultiMax")
-    ax.set_aspect("equal")
-    ax.axis("off")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.62, 1.0))
-    ax.set_title("v = (1, u, -1), u from -1 to 1", fontsize=9)
-    return _save(fig, path)
+                value = np.array(keras.ops.convert_to_numpy(getattr(layer, name)))
+                entry[name].append(value)
+                for index in np.ndindex(value.shape):
+                    label = "_".join([f"h{i}" for i in index[:-1]] + [str(index[-1])])
+                    scalars[f"modulator/{layer.path}/{name}_{label}"] = float(
+                        value[index]
+                    )
+        if self._writer is not None:
+            self._writer.write(step, scalars)

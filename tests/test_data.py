@@ -1,17 +1,22 @@
-"""Tests of keras_multimax.data: tfds pipelines under mock data, offline defaults."""
+"""Tests of keras_multimax.toolkit.data: tfds pipelines under mock data, offline defaults.
+
+The pipelines are `tf.data` on every Keras backend: their elements are
+TensorFlow tensors, read here as NumPy arrays.
+"""
 
 import datetime
 import re
+import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from keras_multimax import data
+from keras_multimax.toolkit import data
 
 
 def _first(ds):
-    return next(iter(ds))
+    return next(ds.as_numpy_iterator())
 
 
 # ---------------------------------------------------------------------------
@@ -37,10 +42,10 @@ def test_image_pipeline_with_tfds(name, shape, capsys):
     }
     images, labels = _first(task.train)
     assert images.shape == (8, *shape) and images.dtype == "float32"
-    assert 0.0 <= float(images.numpy().min()) and float(images.numpy().max()) <= 1.0
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
     assert labels.dtype == "int32"
-    assert set(labels.numpy()) <= set(range(10))
-    assert sum(int(b[1].shape[0]) for b in task.train) == 16
+    assert set(labels) <= set(range(10))
+    assert sum(len(b[1]) for b in task.train.as_numpy_iterator()) == 16
 
 
 def test_char_lm_pipeline_with_tfds():
@@ -52,9 +57,9 @@ def test_char_lm_pipeline_with_tfds():
     vocab = task.info["vocabulary"]
     x, y = _first(task.test)
     assert x.shape == (2, 4) and y.shape == (2, 4)
-    np.testing.assert_array_equal(x.numpy()[:, 1:], y.numpy()[:, :-1])
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
     # Windows are consecutive slices of the text: decoding them gives text.
-    assert all(len(vocab.decode(row)) == 4 for row in x.numpy())
+    assert all(len(vocab.decode(row)) == 4 for row in x)
     assert task.info["vocab_size"] == vocab.size > 4
 
 
@@ -69,7 +74,6 @@ def test_translation_pipeline_with_tfds():
     assert task.source == "tfds:ted_hrlr_translate/pt_to_en"
     (src, dec_in), tgt = _first(task.test)
     assert src.shape == (3, 10) and dec_in.shape == (3, 8) and tgt.shape == (3, 8)
-    dec_in, tgt = dec_in.numpy(), tgt.numpy()
     np.testing.assert_array_equal(dec_in[:, 0], data.START_ID)
     np.testing.assert_array_equal(dec_in[:, 1:], tgt[:, :-1])
     vocab = task.info["target_vocabulary"]
@@ -93,6 +97,49 @@ def test_fallback_warns_once_prints_nothing_and_uses_digits(tmp_path, capsys):
     assert caught[0].filename == __file__  # points at the caller
     assert capsys.readouterr().out == ""
     assert task.source == "offline:sklearn-digits"
+    # tfds' reason is quoted whole (it was cut mid-word at 120 characters).
+    with pytest.raises(AssertionError) as error:
+        data._tfds_load("mnist", "train", download=False, data_dir=str(tmp_path))
+    assert str(error.value).splitlines()[0] in message
+
+
+def test_fallback_warning_shortens_a_long_reason_at_a_word_boundary(monkeypatch):
+    words = [f"word{i}" for i in range(200)]  # one line of 1,389 characters
+
+    def unavailable(*args, **kwargs):
+        raise OSError(" ".join(words) + "\nsecond line")
+
+    monkeypatch.setattr(data, "_tfds_load", unavailable)
+    with pytest.warns(data.OfflineFallbackWarning) as caught:
+        data.image_classification("mnist")
+    reason = re.search(r"\(OSError: (.*)\); using", str(caught[0].message)).group(1)
+    assert reason.endswith(" [...]"), reason
+    quoted = reason.removesuffix(" [...]").split(" ")
+    # Whole words, as many as fit in the limit.
+    assert quoted == words[: len(quoted)]
+    assert len(" ".join(quoted)) <= data._MAX_REASON_CHARS
+    assert len(" ".join(words[: len(quoted) + 1])) > data._MAX_REASON_CHARS
+
+
+@pytest.mark.parametrize("access", ["import", "attribute"])
+def test_old_module_warns_and_reexports_the_toolkit(access, monkeypatch):
+    import keras_multimax
+
+    # As in a fresh process (hasattr would import it, through the package's
+    # __getattr__).
+    if "data" in vars(keras_multimax):
+        monkeypatch.delattr(keras_multimax, "data")
+    monkeypatch.delitem(sys.modules, "keras_multimax.data", raising=False)
+    with pytest.warns(DeprecationWarning, match="removed in 0.4.0") as caught:
+        if access == "import":
+            from keras_multimax import data as old
+        else:
+            old = keras_multimax.data
+    (warning,) = [w for w in caught if w.category is DeprecationWarning]
+    assert "`keras_multimax.toolkit.data`" in str(warning.message)
+    assert old is sys.modules["keras_multimax.data"]
+    for name in [*data.__all__, "PAD_ID", "START_ID", "END_ID", "UNK_ID"]:
+        assert getattr(old, name) is getattr(data, name), name
 
 
 @pytest.mark.parametrize(
@@ -114,8 +161,8 @@ def test_digits_are_the_sklearn_digits():
     digits = load_digits()
     task = data.image_classification("digits", batch_size=2000, seed=3)
     assert (task.info["num_train"], task.info["num_test"]) == (1438, 359)
-    train_x, train_y = (t.numpy() for t in _first(task.train))
-    test_x, test_y = (t.numpy() for t in _first(task.test))
+    train_x, train_y = _first(task.train)
+    test_x, test_y = _first(task.test)
     images = np.concatenate([train_x, test_x])[..., 0]
     labels = np.concatenate([train_y, test_y])
     # Same images (scaled to [0, 1]) and labels, as a set, none repeated.
@@ -142,7 +189,7 @@ def test_pydoc_text_windows(tmp_path):
         .batch(10**6)
     )
     # Every window is a slice of the text (shuffled order).
-    windows = [vocab.decode(row) for row in x.numpy()[:20]]
+    windows = [vocab.decode(row) for row in x[:20]]
     assert all(w in text for w in windows)
     assert task.info["num_train"] == (int(0.9 * len(text)) - 1) // 32
 
@@ -179,10 +226,10 @@ def test_date_translation_task(capsys):
     (src, dec_in), tgt = _first(task.test)
     src_vocab = task.info["source_vocabulary"]
     tgt_vocab = task.info["target_vocabulary"]
-    assert [src_vocab.decode(s) for s in src.numpy()] == task.info["test_sources"]
-    assert [tgt_vocab.decode(t) for t in tgt.numpy()] == task.info["test_targets"]
+    assert [src_vocab.decode(s) for s in src] == task.info["test_sources"]
+    assert [tgt_vocab.decode(t) for t in tgt] == task.info["test_targets"]
     # Targets: 10 characters, then the end id.
-    np.testing.assert_array_equal(tgt.numpy()[:, 10], data.END_ID)
+    np.testing.assert_array_equal(tgt[:, 10], data.END_ID)
     assert set(tgt_vocab.chars) <= set("0123456789-")
 
 
@@ -195,9 +242,13 @@ def test_date_translation_test_dates_never_occur_in_training(seed):
     )
     tgt_vocab = task.info["target_vocabulary"]
     train_dates = {
-        tgt_vocab.decode(row) for _, tgt in task.train for row in tgt.numpy()
+        tgt_vocab.decode(row)
+        for _, tgt in task.train.as_numpy_iterator()
+        for row in tgt
     }
-    test_dates = {tgt_vocab.decode(row) for _, tgt in task.test for row in tgt.numpy()}
+    test_dates = {
+        tgt_vocab.decode(row) for _, tgt in task.test.as_numpy_iterator() for row in tgt
+    }
     assert len(train_dates) > 5000 and len(test_dates) > 450
     assert test_dates == set(task.info["test_targets"])
     assert all(len(d) == 10 for d in train_dates | test_dates)

@@ -1,7 +1,7 @@
 """The documentation keeps up with the code: every public name has an API entry.
 
 Every name in ``keras_multimax.__all__`` and in each public submodule's
-``__all__`` must appear as a mkdocstrings directive (``::: module.name``) on
+``__all__`` (the toolkit's modules included) must appear as a mkdocstrings directive (``::: module.name``) on
 an API page under ``docs/api/``, and every API page must be in the mkdocs
 nav, so a new public name or module without documentation fails here. The
 README stays a short entry point: at most 12 KB, with the two set-up
@@ -29,6 +29,9 @@ TEST_COMMAND = 'pip install -e ".[test]" && python -m pytest'
 # Public subpackages that keras_multimax does not import (and so does not list
 # in its __all__): they need an optional extra.
 OPTIONAL_MODULES = {"hub": "keras_hub"}
+# The toolkit (keras_multimax/toolkit/): support code of the examples, not
+# imported by keras_multimax; its modules are documented all the same.
+TOOLKIT_MODULES = ["toolkit", "toolkit.data", "toolkit.plots", "toolkit.timing"]
 
 
 def _public_modules():
@@ -38,7 +41,8 @@ def _public_modules():
         if isinstance(getattr(keras_multimax, name), types.ModuleType)
     ]
     return ["keras_multimax"] + [
-        f"keras_multimax.{name}" for name in [*names, *OPTIONAL_MODULES]
+        f"keras_multimax.{name}"
+        for name in [*names, *OPTIONAL_MODULES, *TOOLKIT_MODULES]
     ]
 
 

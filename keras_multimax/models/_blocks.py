@@ -473,7 +473,7 @@ def exclude_modulator_from_weight_decay(
     >>> optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.05)
     >>> excluded = exclude_modulator_from_weight_decay(optimizer, model)
     >>> sorted({v.name for v in excluded})
-    ['bias', 'beta', 'gamma', 'ranges', 'ts']
+    ['beta', 'bias', 'gamma', 'ranges', 'ts']
     >>> model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(
     ...     from_logits=True))
 

@@ -128,6 +128,7 @@ class TransformerTranslator(keras.Model):
                     mlp_dim,
                     dropout,
                     modulator,
+                    per_head,
                     cross_attention=cross,
                     name=f"{prefix}_{i}",
                 )
