@@ -159,7 +159,7 @@ def run_layer_test(
         out = _outputs(mixed(**kwargs, **call_kwargs))
         assert keras.backend.standardize_dtype(out.dtype) == compute_dtype
         for w, v in zip(mixed.weights, layer.weights):
-            w.assign(v)
+            w.assign(_numpy(v))  # a copy: JAX may donate the source buffer
         out = _outputs(mixed(**kwargs, **call_kwargs))
         out = _numpy(keras.ops.cast(out, "float32"))
         assert np.all(np.isfinite(out))

@@ -81,7 +81,7 @@ def test_loss_equals_dense_seglu_sparse_crossentropy():
         (dense.kernel, dense.bias, seglu.ranges, seglu.ts),
         (head.kernel, head.bias, head.ranges, head.ts),
     ):
-        a.assign(b)
+        a.assign(to_numpy(b))
     scce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     got = _grads(lambda: head(hidden, labels=labels), head.trainable_weights)
     reference_weights = [dense.kernel, dense.bias, seglu.ranges, seglu.ts]
@@ -221,7 +221,7 @@ def test_transformer_lm_fused_head_trains_as_the_unfused_model():
     fused_weights = {w.path: w for w in fused.weights}
     for w in plain.weights:  # head_dense/{kernel,bias}, head_seglu/{ranges,ts}
         path = w.path.replace("head_dense/", "head/").replace("head_seglu/", "head/")
-        fused_weights.pop(path).assign(w)
+        fused_weights.pop(path).assign(to_numpy(w))  # a copy, not a shared buffer
     assert not fused_weights  # the same weights under other names
     rng = np.random.default_rng(0)
     x = rng.integers(0, 20, (4, 8)).astype("int32")

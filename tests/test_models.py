@@ -157,7 +157,7 @@ def test_zero_ts_multimax_model_equals_softmax_model(case):
     shared = 0
     for w in multimax.weights:
         if w.path in source:
-            w.assign(source[w.path])
+            w.assign(to_numpy(source[w.path]))  # a copy: JAX predict donates buffers
             shared += 1
     assert shared == len(softmax.weights)
     np.testing.assert_allclose(
@@ -172,7 +172,11 @@ def test_zero_ts_multimax_model_equals_softmax_model(case):
     )
 
 
-@pytest.mark.parametrize("run_eagerly", [True, False], ids=["eager", "compiled"])
+# Eager fit on TensorFlow only: on JAX it runs op by op (a minute here) the
+# same optimizer code that the compiled step runs.
+@pytest.mark.parametrize(
+    "run_eagerly", [False] + ([True] if keras.backend.backend() == "tensorflow" else [])
+)
 def test_adamw_decays_everything_but_modulators_biases_and_norms(run_eagerly):
     model = vit()
     # A loss with zero gradients: Adam moves nothing, only decoupled weight
