@@ -17,6 +17,7 @@ import keras
 import numpy as np
 from switches import fused_forward
 
+from keras_multimax import Modulator
 from keras_multimax import layers
 
 # name -> what the model exercises.
@@ -30,12 +31,13 @@ MODELS = {
 FEATURES = 8
 
 
-def _modulator_initializers(seed: int) -> dict:
+def active_modulator(seed: int, order: int = 2) -> Modulator:
     """Thresholds ~ N(0, 1) and slopes ~ N(0, 0.5): an active modulator."""
-    return {
-        "ranges_initializer": keras.initializers.RandomNormal(stddev=1.0, seed=seed),
-        "ts_initializer": keras.initializers.RandomNormal(stddev=0.5, seed=seed + 1),
-    }
+    return Modulator(
+        order=order,
+        ranges_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=seed),
+        ts_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=seed + 1),
+    )
 
 
 def build_model(name: str) -> keras.Model:
@@ -43,17 +45,17 @@ def build_model(name: str) -> keras.Model:
     if name == "multimax":
         x = keras.Input((None, FEATURES), name="x")
         h = keras.layers.Dense(FEATURES, name="dense")(x)
-        y = layers.MultiMax(order=2, name="multimax", **_modulator_initializers(1))(h)
+        y = layers.MultiMax(name="multimax", modulator=active_modulator(1))(h)
         return keras.Model(x, y, name=name)
     if name == "seglu":
         x = keras.Input((None, FEATURES), name="x")
         h = keras.layers.Dense(6, name="dense")(x)
-        y = layers.SegLU(order=3, name="seglu", **_modulator_initializers(3))(h)
+        y = layers.SegLU(name="seglu", modulator=active_modulator(3, order=3))(h)
         return keras.Model(x, y, name=name)
     if name == "masked_multimax":
         x = keras.Input((None, 5), name="x")
         mask = keras.Input((None, 5), name="mask", dtype="bool")
-        y = layers.MultiMax(order=2, name="multimax", **_modulator_initializers(5))(
+        y = layers.MultiMax(name="multimax", modulator=active_modulator(5))(
             x, mask=mask
         )
         return keras.Model([x, mask], y, name=name)
@@ -64,7 +66,7 @@ def build_model(name: str) -> keras.Model:
             key_dim=4,
             per_head=True,
             name="attention",
-            **_modulator_initializers(7),
+            modulator=active_modulator(7),
         )(x, x, use_causal_mask=True)
         y = keras.layers.Dense(3, name="head")(h)
         return keras.Model(x, y, name=name)

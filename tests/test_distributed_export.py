@@ -18,6 +18,10 @@ from distributed_workers import common
 from tolerances import assert_close
 from tolerances import assert_defect_caught
 
+pytestmark = pytest.mark.only_backend(
+    "tensorflow", reason="tf.distribute strategies and SavedModels"
+)
+
 # Bounds in eps · (largest |logit|), see tests/tolerances.py.
 # float32: the same ops, reloaded, fused or ordered differently (plain, XLA,
 # per replica): a couple of roundings in each of ~8 layers. Measured 1.8.
@@ -31,8 +35,10 @@ BF16 = ("bfloat16", 8)
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed_export")
-    common.run_worker("export_train_worker.py", out)
-    common.run_worker("export_reload_worker.py", out)
+    # Each worker imports TensorFlow, trains or reloads two models: ~1 min of
+    # CPU, several on a busy 2-core machine running pytest -n 2.
+    common.run_worker("export_train_worker.py", out, timeout=600)
+    common.run_worker("export_reload_worker.py", out, timeout=600)
     return (
         np.load(os.path.join(out, "reference.npz")),
         np.load(os.path.join(out, "reloaded.npz")),

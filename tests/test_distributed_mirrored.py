@@ -15,6 +15,10 @@ from distributed_workers import common
 
 from keras_multimax import distribute
 
+pytestmark = pytest.mark.only_backend(
+    "tensorflow", reason="tf.distribute.MirroredStrategy"
+)
+
 # Reductions over 2 replicas sum the gradients in another order than one
 # device does: float32 round-off, a few ulps of the weights after 3 epochs.
 ATOL = 1e-5

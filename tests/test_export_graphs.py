@@ -28,6 +28,11 @@ from keras_multimax import config
 from keras_multimax import ops
 from keras_multimax.backend.tensorflow import multimax as tf_multimax
 
+pytestmark = pytest.mark.only_backend(
+    "tensorflow",
+    reason="TensorFlow graphs: the fused XLA kernel, SavedModel, tf2onnx, LiteRT",
+)
+
 # Bounds in float32 eps · max(largest |output|, 1), see tests/tolerances.py:
 # the floor keeps probabilities absolute. Measured 1.8 (attention SavedModel)
 # and 2.2 (SegLU through ONNX) on an AVX2-only CPU.

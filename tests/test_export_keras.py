@@ -1,6 +1,12 @@
-"""`.keras` files load in a fresh process after `import keras_multimax` (and not before)."""
+"""`.keras` files load in a fresh process after `import keras_multimax` (and not
+before), and on the other backend."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -9,6 +15,9 @@ from export_models import build_model
 from export_models import keras_outputs
 from export_models import run_fresh_python
 from export_models import sample_inputs
+from tolerances import EPS
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 
 CHILD = """
 import json, sys
@@ -81,3 +90,51 @@ def test_keras_file_loads_in_fresh_process(tmp_path):
         kinds, shape = rest.split(" ", 1)
         assert kinds == expected_kinds[name]  # reloaded as keras_multimax layers
         assert shape.startswith("(6, 3")
+
+
+LOAD_AND_PREDICT = """
+import sys
+import numpy as np
+import keras
+import keras_multimax  # registers the layers
+path = sys.argv[1]
+model = keras.saving.load_model(path + ".keras")
+x = np.load(path + ".x.npy")
+np.save(path + ".loaded.npy", keras.ops.convert_to_numpy(model(x)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.only_backend(
+    "jax",
+    reason="saved here on JAX, loaded in a TensorFlow process; files saved on "
+    "TensorFlow load on JAX in test_compatibility.py (the 0.2.0 files)",
+)
+def test_keras_file_saved_on_jax_loads_on_tensorflow(tmp_path):
+    from keras_multimax import Modulator
+    from keras_multimax import models
+
+    path = str(tmp_path / "vit")
+    model = models.vit_classifier(
+        (8, 8, 1), 10, patch_size=4, num_layers=1, hidden_dim=16, num_heads=2,
+        mlp_dim=16, attention="multimax", head="multimax",
+        modulator=Modulator(ts_initializer="random_normal"),  # ts = 0: SoftMax
+    )  # fmt: skip
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype("float32")
+    saved = keras_outputs(model, [x])
+    model.save(path + ".keras")
+    np.save(path + ".x.npy", x)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT  # this checkout's keras_multimax
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(LOAD_AND_PREDICT), path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loaded = np.load(path + ".loaded.npy")
+    # Two backends, float32, two blocks of matmuls: ~100 ulp of the output.
+    rtol = 100 * EPS["float32"]
+    np.testing.assert_allclose(loaded, saved, rtol=rtol, atol=rtol)

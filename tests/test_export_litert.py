@@ -20,7 +20,12 @@ from export_models import build_model
 from export_models import keras_outputs
 from export_models import sample_inputs
 
+from keras_multimax import Modulator
 from keras_multimax import layers
+
+pytestmark = pytest.mark.only_backend(
+    "tensorflow", reason="LiteRT export needs TensorFlow (Keras 3.15)"
+)
 
 BUILTINS_ONLY = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}
 SHAPES = ((3, 7), (5, 9), (1, 1))
@@ -100,15 +105,15 @@ def test_litert_fully_masked_rows_are_zero(tmp_path):
 @pytest.mark.slow
 def test_litert_dynamic_range_quantized(tmp_path):
     keras.utils.set_random_seed(0)
-    init = {
-        "ranges_initializer": keras.initializers.RandomNormal(stddev=1.0, seed=1),
-        "ts_initializer": keras.initializers.RandomNormal(stddev=0.3, seed=2),
-    }
+    modulator = Modulator(
+        ranges_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=1),
+        ts_initializer=keras.initializers.RandomNormal(stddev=0.3, seed=2),
+    )
     x = keras.Input((None, 64), name="x")
     h = keras.layers.Dense(256, name="up")(x)  # 16k weights: quantized
-    h = layers.SegLU(name="seglu", **init)(h)
+    h = layers.SegLU(name="seglu", modulator=modulator)(h)
     h = keras.layers.Dense(64, name="down")(h)
-    y = layers.MultiMax(name="multimax", **init)(h)
+    y = layers.MultiMax(name="multimax", modulator=modulator)(h)
     model = keras.Model(x, y)
 
     float_path = str(tmp_path / "float32.tflite")

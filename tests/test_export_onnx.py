@@ -12,6 +12,10 @@ from export_models import fully_masked_inputs
 from export_models import keras_outputs
 from export_models import sample_inputs
 
+pytestmark = pytest.mark.only_backend(
+    "tensorflow", reason="ONNX through tf2onnx, from TensorFlow graphs"
+)
+
 SHAPES = ((3, 7), (5, 9), (1, 1))
 
 

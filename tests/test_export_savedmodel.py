@@ -1,5 +1,7 @@
 """SavedModels reload without keras_multimax, with the same outputs and gradients.
 
+From TensorFlow, with their gradients; from JAX (jax2tf, last test), outputs.
+
 Two ways of writing a SavedModel are checked for every model of
 `export_models.MODELS`:
 
@@ -20,18 +22,32 @@ request raises ``LookupError``), so the default ``True`` is what makes
 exported models fine-tunable.
 """
 
+from __future__ import annotations
+
 import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from export_models import MODELS
 from export_models import build_model
 from export_models import keras_outputs
 from export_models import run_fresh_python
 from export_models import sample_inputs
 from tolerances import assert_defect_caught
+
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+TENSORFLOW = pytest.mark.only_backend(
+    "tensorflow", reason="SavedModels of TensorFlow graphs, written from TensorFlow"
+)
 
 # The child's bounds (see CHILD), for the controls in this process.
 OUTPUT_DEPTH = 16
@@ -204,6 +220,7 @@ def _check_controls(model, inputs, loss_weights, expected, grads):
 
 
 @pytest.mark.slow
+@TENSORFLOW
 def test_saved_models_reload_without_keras_multimax(tmp_path):
     rng = np.random.default_rng(42)
     for name in MODELS:
@@ -251,3 +268,73 @@ def test_saved_models_reload_without_keras_multimax(tmp_path):
     checked = {tuple(line.split()[:2]) for line in lines if not line.startswith("c")}
     assert checked == {(kind, n) for kind in ("export", "module") for n in MODELS}
     assert "control LookupError" in lines
+
+
+# --- From Keras' JAX backend (jax2tf) ----------------------------------------
+
+EXPORT = """
+import sys
+import numpy as np
+import keras
+from keras_multimax import Modulator, layers
+path, fmt = sys.argv[1], sys.argv[2]
+keras.utils.set_random_seed(0)
+inputs = keras.Input((5, 8))
+h = layers.MultiMaxAttention(
+    num_heads=2, key_dim=4, per_head=True,
+    modulator=Modulator(ts_initializer="random_normal"),
+)(inputs, inputs)  # ts = 0 would be SoftMax
+h = keras.layers.Dense(6)(h)
+outputs = layers.MultiMax(modulator=Modulator(ts_initializer="random_normal"))(h)
+model = keras.Model(inputs, outputs)
+x = np.random.default_rng(0).normal(size=(3, 5, 8)).astype("float32")
+np.save(path + ".in.npy", x)
+np.save(path + ".keras.npy", keras.ops.convert_to_numpy(model(x)))
+try:
+    model.export(path, format=fmt, verbose=False)
+except ValueError as e:
+    print("ValueError:", e)
+"""
+
+RELOAD = """
+import sys
+import numpy as np
+import tensorflow as tf
+path = sys.argv[1]
+loaded = tf.saved_model.load(path)  # must outlive `serve` (owns the variables)
+served = loaded.serve(tf.constant(np.load(path + ".in.npy")))
+np.save(path + ".served.npy", served.numpy())
+assert "keras_multimax" not in sys.modules
+"""
+
+
+def _run(code: str, *args: str, backend: str | None = None) -> str:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if backend:
+        env["KERAS_BACKEND"] = backend
+        env["PYTHONPATH"] = ROOT  # this checkout's keras_multimax
+    else:
+        env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.only_backend(
+    "jax", reason="model.export from Keras' JAX backend goes through jax2tf"
+)
+def test_saved_model_from_jax_reloads_in_tensorflow_without_keras_multimax(tmp_path):
+    path = str(tmp_path / "vit")
+    assert "ValueError" not in _run(EXPORT, path, "tf_saved_model", backend="jax")
+    _run(RELOAD, path)
+    served, expected = np.load(path + ".served.npy"), np.load(path + ".keras.npy")
+    # The same float32 program compiled by XLA (JAX) and run by TensorFlow's
+    # kernels: rounding of a few ulp per op; 1e-5 of the largest probability.
+    assert np.abs(served - expected).max() <= 1e-5 * np.abs(expected).max()

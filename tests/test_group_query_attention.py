@@ -4,10 +4,13 @@ import keras
 import numpy as np
 import numpy_reference as ref
 import pytest
-import tensorflow as tf
+from backend_helpers import to_numpy
+from backend_helpers import variable_gradients
 from layer_test_case import assert_positional_drop_in
+from layer_test_case import paper_modulator
 from layer_test_case import run_layer_test
 
+from keras_multimax import Modulator
 from keras_multimax import layers
 
 RNG = np.random.default_rng(23)
@@ -19,17 +22,13 @@ PAD = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]], bool)[:, None, :]
 SUBLAYERS = ("_query_dense", "_key_dense", "_value_dense", "_output_dense")
 
 
-def _np(x):
-    return keras.ops.convert_to_numpy(x)
-
-
 def numpy_gqa(layer, query, value, key=None, mask=None, causal=False, keep=None):
     """Grouped-query MultiMax attention in float64 NumPy from `layer`'s weights.
 
     Returns (output, scores); `keep` multiplies the weights (dropout stand-in).
     """
     key = value if key is None else key
-    f64 = lambda w: np.asarray(_np(w), np.float64)  # noqa: E731
+    f64 = lambda w: np.asarray(to_numpy(w), np.float64)  # noqa: E731
 
     def project(dense, x):
         out = np.einsum("btd,dnh->btnh", np.asarray(x, np.float64), f64(dense.kernel))
@@ -74,8 +73,7 @@ def _softmax_twin(layer, value=X):
     config = {
         k: v
         for k, v in layer.get_config().items()
-        if k not in ("per_head", "order", "name")
-        and not k.startswith(("ranges_", "ts_"))
+        if k not in ("per_head", "modulator", "name")
     }
     twin = keras.layers.GroupQueryAttention.from_config(config)
     twin(X, value)
@@ -88,16 +86,27 @@ def _softmax_twin(layer, value=X):
 @pytest.mark.parametrize(
     "init_kwargs, n_weights",
     [
-        ({}, 10),
         ({"num_key_value_heads": 1, "per_head": True, "use_gate": True}, 12),
-        ({"use_bias": False, "order": 3, "ts_regularizer": "l2"}, 6),
+        (
+            {
+                "use_bias": False,
+                "modulator": paper_modulator(order=3, ts_regularizer="l2"),
+            },
+            6,
+        ),
     ],
-    ids=["default", "mqa_per_head_gate", "no_bias_order3"],
+    ids=["mqa_per_head_gate", "no_bias_order3"],
 )
 def test_standard_checks(init_kwargs, n_weights):
     run_layer_test(
         layers.MultiMaxGroupQueryAttention,
-        {"head_dim": 4, "num_query_heads": 4, "num_key_value_heads": 2, **init_kwargs},
+        {
+            "head_dim": 4,
+            "num_query_heads": 4,
+            "num_key_value_heads": 2,
+            "modulator": paper_modulator(),
+            **init_kwargs,
+        },
         {"query": X, "value": Y},
         expected_output_shape=X.shape,
         expected_num_trainable_weights=n_weights,
@@ -140,16 +149,16 @@ def test_paths_equal_numpy(case, return_scores):
     result = layer(X, value, return_attention_scores=return_scores, **call_kwargs)
     out = result[0] if return_scores else result
     expected, expected_scores = numpy_gqa(layer, X, value, **np_kwargs)
-    np.testing.assert_allclose(_np(out), expected, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(to_numpy(out), expected, rtol=1e-5, atol=2e-6)
     if return_scores:
-        np.testing.assert_allclose(_np(result[1]), expected_scores, atol=2e-6)
+        np.testing.assert_allclose(to_numpy(result[1]), expected_scores, atol=2e-6)
 
     twin = _softmax_twin(layer, value)
-    softmax_out = _np(twin(X, value, **call_kwargs))
-    assert np.max(np.abs(_np(out) - softmax_out)) > 1e-3
+    softmax_out = to_numpy(twin(X, value, **call_kwargs))
+    assert np.max(np.abs(to_numpy(out) - softmax_out)) > 1e-3
     layer.ts.assign(np.zeros(layer.ts.shape))
     np.testing.assert_allclose(
-        _np(layer(X, value, **call_kwargs)), softmax_out, atol=1e-6
+        to_numpy(layer(X, value, **call_kwargs)), softmax_out, atol=1e-6
     )
 
 
@@ -164,10 +173,14 @@ def test_keras_masks_and_zero_weight_on_masked_keys():
     layer = _built(value=Y, ts=-5 * np.abs(TS))  # negative slopes
     out, scores = layer(query, value, return_attention_scores=True)
     mask = (tokens_q > 0)[:, :, None] & (tokens_v > 0)[:, None, :]
-    expected, expected_scores = numpy_gqa(layer, _np(query), _np(value), mask=mask)
-    np.testing.assert_allclose(_np(out), expected, rtol=1e-5, atol=2e-6)
-    np.testing.assert_allclose(_np(scores), expected_scores, atol=2e-6)
-    assert np.all(_np(scores)[~np.broadcast_to(mask[:, None], scores.shape)] == 0.0)
+    expected, expected_scores = numpy_gqa(
+        layer, to_numpy(query), to_numpy(value), mask=mask
+    )
+    np.testing.assert_allclose(to_numpy(out), expected, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(to_numpy(scores), expected_scores, atol=2e-6)
+    assert np.all(
+        to_numpy(scores)[~np.broadcast_to(mask[:, None], scores.shape)] == 0.0
+    )
 
 
 def test_lora_equals_numpy():
@@ -177,7 +190,7 @@ def test_lora_equals_numpy():
         dense.lora_kernel_b.assign(RNG.normal(size=dense.lora_kernel_b.shape))
     expected, _ = numpy_gqa(layer, X, X, causal=True)
     np.testing.assert_allclose(
-        _np(layer(X, X, use_causal_mask=True)), expected, rtol=1e-5, atol=2e-6
+        to_numpy(layer(X, X, use_causal_mask=True)), expected, rtol=1e-5, atol=2e-6
     )
 
 
@@ -196,18 +209,18 @@ def test_dropout_paths():
     layer = _built(dropout=0.3, seed=1)
     expected, _ = numpy_gqa(layer, X, X, causal=True)
     np.testing.assert_allclose(
-        _np(layer(X, X, use_causal_mask=True, training=False)),
+        to_numpy(layer(X, X, use_causal_mask=True, training=False)),
         expected,
         rtol=1e-5,
         atol=2e-6,
     )
-    trained = _np(layer(X, X, use_causal_mask=True, training=True))
+    trained = to_numpy(layer(X, X, use_causal_mask=True, training=True))
     assert np.max(np.abs(trained - expected)) > 1e-3
     keep = RNG.random(size=(2, 4, 5, 5)) > 0.3
     object.__setattr__(layer, "_dropout_layer", _FixedDropout(keep, 0.3))
     expected, _ = numpy_gqa(layer, X, X, causal=True, keep=keep / 0.7)
     np.testing.assert_allclose(
-        _np(layer(X, X, use_causal_mask=True, training=True)),
+        to_numpy(layer(X, X, use_causal_mask=True, training=True)),
         expected,
         rtol=1e-5,
         atol=2e-6,
@@ -217,11 +230,11 @@ def test_dropout_paths():
 @pytest.mark.parametrize("per_head", [False, True])
 def test_ranges_and_ts_get_nonzero_gradients(per_head):
     layer = _built(per_head=per_head)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(layer(X, X, use_causal_mask=True) ** 2)
-    g_ranges, g_ts = tape.gradient(loss, [layer.ranges, layer.ts])
+    _, (g_ranges, g_ts) = variable_gradients(
+        lambda: layer(X, X, use_causal_mask=True) ** 2, [layer.ranges, layer.ts]
+    )
     assert g_ranges.shape == layer.ranges.shape
-    assert np.all(_np(g_ranges) != 0.0) and np.all(_np(g_ts) != 0.0)
+    assert np.all(g_ranges != 0.0) and np.all(g_ts != 0.0)
 
 
 def test_flash_attention_true_and_bad_arguments():
@@ -246,8 +259,7 @@ def test_registered_and_config_round_trip():
         num_query_heads=4,
         num_key_value_heads=2,
         per_head=True,
-        order=1,
-        ts_initializer="zeros",
+        modulator=Modulator(order=1),
         sliding_window=3,
     )
     config = layer.get_config()

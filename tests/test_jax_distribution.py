@@ -2,7 +2,7 @@
 
 Each configuration trains in its own JAX process
 (``XLA_FLAGS=--xla_force_host_platform_device_count=2``: the flag only acts
-before JAX starts), so this file runs from either backend's pytest run.
+before JAX starts).
 """
 
 import os
@@ -15,6 +15,12 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "jax_workers" / "distribution_worker.py"
+
+pytestmark = pytest.mark.only_backend(
+    "jax",
+    reason="keras.distribution on JAX devices (the workers are JAX processes: "
+    "one pytest run is enough)",
+)
 
 
 def train(mode: str, tmp_path) -> dict:
@@ -41,27 +47,26 @@ def weights(run: dict) -> list:
     return [run[f"w{i}"] for i in range(sum(k.startswith("w") for k in run))]
 
 
-@pytest.mark.slow
-def test_data_parallel_trains_to_the_weights_of_one_device(tmp_path):
-    single, data = train("single", tmp_path), train("data", tmp_path)
-    assert not data["sharded"].size  # data parallelism replicates weights
-    for a, b in zip(weights(data), weights(single)):
-        # The same float32 steps except that each gradient sum is split in
-        # two halves added last: rounding of ~1e-7 per step, amplified by 8
-        # SGD steps, stays far below 1e-5 of each weight tensor's scale.
-        scale = max(np.abs(b).max(), 1.0)
-        assert np.abs(a - b).max() <= 1e-5 * scale
-
-
-@pytest.mark.slow
-def test_model_parallel_shards_the_attention_projections_and_trains(tmp_path):
-    run = train("model", tmp_path)
-    sharded = set(run["sharded"].tolist())
-    for name in ("query", "key", "value", "attention_output"):
-        assert any(f"/{name}/kernel" in path for path in sharded), sharded
-    assert np.all(np.isfinite(run["loss"]))
-    assert run["loss"][-1] < run["loss"][0]
-    single = train("single", tmp_path)
-    # Sharding changes where sums are split, not the math: same bound as above.
+def _assert_same_weights(run: dict, single: dict) -> None:
+    # The same float32 steps except that gradient sums are split where the
+    # data or the weights are: rounding of ~1e-7 per step, amplified by 8
+    # SGD steps, stays far below 1e-5 of each weight tensor's scale.
     for a, b in zip(weights(run), weights(single)):
         assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1.0)
+
+
+@pytest.mark.slow
+def test_data_and_model_parallel_train_to_the_weights_of_one_device(tmp_path):
+    """One test, so that the single-device reference trains once under xdist."""
+    single = train("single", tmp_path)
+    data = train("data", tmp_path)
+    assert not data["sharded"].size  # data parallelism replicates weights
+    _assert_same_weights(data, single)
+
+    model = train("model", tmp_path)
+    sharded = set(model["sharded"].tolist())
+    for name in ("query", "key", "value", "attention_output"):
+        assert any(f"/{name}/kernel" in path for path in sharded), sharded
+    assert np.all(np.isfinite(model["loss"]))
+    assert model["loss"][-1] < model["loss"][0]
+    _assert_same_weights(model, single)
