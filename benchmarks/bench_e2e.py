@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_multimax.models import vit_classifier  # noqa: E402
+from keras_multimax.toolkit import training  # noqa: E402
 
 KINDS = ("softmax", "multimax")
 TARGET = 1.15  # issue 7: ViT training step <= 1.15x SoftMax
@@ -52,7 +53,7 @@ def build(kind: str, config: dict, jit_compile: bool) -> keras.Model:
         attention=kind,
         head=kind,
     )
-    model.compile(jit_compile=jit_compile)
+    training.compile_with_adamw(model, jit_compile=jit_compile)
     return model
 
 

@@ -21,6 +21,7 @@ def compile_with_adamw(
     weight_decay: float = 0.05,
     ignore_class: int | None = None,
     metrics: Sequence | None = ("accuracy",),
+    **kwargs,
 ) -> keras.optimizers.AdamW:
     """Compiles ``model`` with AdamW and a sparse cross-entropy on its logits.
 
@@ -45,6 +46,7 @@ def compile_with_adamw(
             translator's padding id).
         metrics: Metrics of `keras.Model.compile`; None for none (the
             fused LM head, whose logits a metric would compute).
+        **kwargs: Other arguments of `keras.Model.compile` (``jit_compile``).
 
     Returns:
         The optimizer.
@@ -57,6 +59,9 @@ def compile_with_adamw(
         from_logits=True, ignore_class=ignore_class
     )
     model.compile(
-        optimizer=optimizer, loss=loss, metrics=list(metrics) if metrics else None
+        optimizer=optimizer,
+        loss=loss,
+        metrics=list(metrics) if metrics else None,
+        **kwargs,
     )
     return optimizer

@@ -265,7 +265,7 @@ def _multimax_bwd(axes, saved, dy):
         # The SoftMax backward; it is 0 at excluded entries, and so are their gradients.
         # Written y·dy − y·Σ dy·y: jax 0.10.2 on the CPU miscomputes y·(dy − Σ dy·y)
         # (tens of % off) when dy is a broadcast, e.g. of a weight shared over the batch
-        # (`tests/test_jax_ops.py::test_gradient_with_an_upstream_that_broadcasts`).
+        # (`tests/test_backend_jax.py::test_gradient_with_an_upstream_that_broadcasts`).
         gs = yc * dyc - yc * jnp.sum(dyc * yc, axis=axes, keepdims=True)
         return _gradients(x, gs, ranges, ts)
 
