@@ -23,7 +23,6 @@ _OFFICIAL_INITIALIZER = {
     "config": {"mean": 0.0, "stddev": 0.02, "seed": None},
 }
 
-# The arguments that 0.2.0 took one by one on every layer and converter.
 MODULATOR_ARGUMENTS = (
     "order",
     "ranges_initializer",
@@ -33,6 +32,11 @@ MODULATOR_ARGUMENTS = (
     "ranges_constraint",
     "ts_constraint",
 )
+"""The arguments of `Modulator`, in order: the keys a dict ``modulator=`` may have.
+
+0.2.0 took them one by one on every layer and converter; passing them that way
+still works until 0.4.0, with a ``DeprecationWarning``.
+"""
 
 
 def _order(order: Any) -> int:
