@@ -9,6 +9,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
+from keras_multimax import Modulator
 from keras_multimax import analysis
 from keras_multimax import layers
 from keras_multimax import models
@@ -138,7 +139,7 @@ def _read_events(log_dir):
 def test_modulator_logger_records_and_writes_tensorboard_scalars(tmp_path):
     inputs = keras.Input((4, 6))
     x = layers.MultiMaxAttention(2, 3, per_head=True, name="attn")(inputs, inputs)
-    outputs = layers.SegLU(order=1, name="head")(x)
+    outputs = layers.SegLU(modulator=Modulator(order=1), name="head")(x)
     model = keras.Model(inputs, outputs, name="net")
     model.compile(keras.optimizers.SGD(0.5), "mse")
     logger = analysis.ModulatorLogger(log_dir=str(tmp_path), update_freq=2)

@@ -6,8 +6,10 @@ import keras
 import numpy as np
 import numpy_reference as ref
 import pytest
+from layer_test_case import paper_modulator
 from layer_test_case import run_layer_test
 
+from keras_multimax import Modulator
 from keras_multimax import convert
 from keras_multimax import layers
 
@@ -157,7 +159,9 @@ def test_padding_masks_keep_outputs():
 def test_converted_attention_equals_multimax_formula():
     """The swapped-in output layer is MultiMax of the unchanged Dense logits."""
     model = _functional_model()
-    new = convert.to_multimax(model, replace_softmax=True, ts_initializer="ones")
+    new = convert.to_multimax(
+        model, replace_softmax=True, modulator=Modulator(ts_initializer="ones")
+    )
     head, multimax = new.get_layer("head_logits"), new.get_layer("head")
     np.testing.assert_array_equal(_np(head.kernel), _np(model.get_layer("head").kernel))
     pooled = keras.Model(new.inputs[0], head.input)(X)
@@ -174,14 +178,12 @@ def test_activation_softmax_and_options_pass_through():
     new = convert.to_multimax(
         model,
         replace_softmax=True,
-        order=1,
+        modulator=Modulator(order=1, ts_regularizer="l2", ranges_constraint="non_neg"),
         per_head=True,
-        ts_regularizer="l2",
-        ranges_constraint="non_neg",
     )
     mha = new.get_layer("mha")
     assert mha.per_head and mha.order == 1 and tuple(mha.ts.shape) == (2, 2)
-    assert isinstance(mha.ts_regularizer, keras.regularizers.L2)
+    assert isinstance(mha.modulator.ts_regularizer, keras.regularizers.L2)
     act = new.get_layer("act")
     assert type(act) is convert.ActivationMultiMax and act.order == 1
     np.testing.assert_allclose(_np(new(X)), _np(model(X)), atol=1e-6)
@@ -281,7 +283,7 @@ def test_models_it_cannot_rebuild_get_clear_errors():
     "kwargs, error, match",
     [
         ({"replace_softmax": "yes"}, TypeError, "replace_softmax='yes'"),
-        ({"order": 0}, ValueError, "order=0"),
+        ({"modulator": {"order": 0}}, ValueError, "order=0"),
         ({"per_head": None}, TypeError, "per_head=None"),
     ],
 )
@@ -298,7 +300,7 @@ def test_not_a_model():
 def test_activation_multimax_standard_checks():
     run_layer_test(
         convert.ActivationMultiMax,
-        {"order": 1, "ts_regularizer": "l1"},
+        {"modulator": paper_modulator(order=1, ts_regularizer="l1")},
         X,
         expected_output_shape=X.shape,
         expected_num_trainable_weights=2,

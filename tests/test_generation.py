@@ -16,13 +16,20 @@ import keras
 import numpy as np
 import pytest
 
+from keras_multimax import Modulator
 from keras_multimax import models
 
 VOCAB, LENGTH = 24, 12
-ACTIVE = {
-    "ts_initializer": keras.initializers.RandomNormal(stddev=0.5, seed=1),
-    "ranges_initializer": keras.initializers.RandomNormal(stddev=0.5, seed=2),
-}
+
+
+def active(order=2):
+    """A modulator far from SoftMax, so that a cache bug shows in the logits."""
+    return Modulator(
+        order=order,
+        ts_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=1),
+        ranges_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=2),
+    )
+
 PROMPTS = np.random.default_rng(0).integers(0, VOCAB, size=(3, 4)).astype("int32")
 # float32 logits computed with differently shaped matmuls (one query against S
 # cached keys vs T x T): a few ulps per op over two layers; 1e-4 relative to the
@@ -39,7 +46,7 @@ def lm(**kwargs):
         "hidden_dim": 16,
         "num_heads": 2,
         "mlp_dim": 16,
-        **ACTIVE,
+        "modulator": active(),
         **kwargs,
     }
     return models.TransformerLM(VOCAB, LENGTH, **config)
@@ -69,8 +76,8 @@ def reference_greedy(model, prompt, max_length):
 CONFIGS = {
     "multimax": {},
     "multimax-per-head": {"per_head": True},
-    "multimax-order-1": {"order": 1},
-    "multimax-order-3": {"order": 3, "head": "softmax"},
+    "multimax-order-1": {"modulator": active(order=1)},
+    "multimax-order-3": {"modulator": active(order=3), "head": "softmax"},
     "multimax-fused-head": {"fused_head": True},  # MultiMaxLMHead gives the logits
     "softmax": {"attention": "softmax", "head": "softmax"},
 }
@@ -238,8 +245,7 @@ def test_translator_cached_greedy_decode_equals_an_uncached_loop(config):
         hidden_dim=16,
         num_heads=2,
         mlp_dim=16,
-        **ACTIVE,
-        **kwargs,
+        **{"modulator": active(), **kwargs},
     )
     # Make the end id likely, so that some rows end early.
     model.head_layers[0].bias.assign(np.linspace(-1, 1, 12).astype("float32"))

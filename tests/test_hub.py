@@ -232,11 +232,13 @@ def test_preset_round_trip_through_keras_hub_loaders(name, tmp_path):
     # A MultiMax preset comes back as saved; options for it would be ignored.
     assert type(hub.from_preset(preset, BASE_TASKS[name])) is type(new)
     with pytest.raises(ValueError, match="MultiMax model already.*order"):
-        hub.from_preset(preset, BASE_TASKS[name], order=1)
+        hub.from_preset(preset, BASE_TASKS[name], modulator={"order": 1})
     # A SoftMax preset loads straight into a MultiMax model.
     plain = str(tmp_path / "softmax")
     model.save_to_preset(plain)
-    converted = hub.from_preset(plain, BASE_TASKS[name], order=1, per_head=True)
+    converted = hub.from_preset(
+        plain, BASE_TASKS[name], modulator={"order": 1}, per_head=True
+    )
     assert type(converted) is type(new)
     assert converted.backbone.multimax["order"] == 1
     reference = H.outputs(model, x)

@@ -122,7 +122,7 @@ def test_per_head_and_order():
     for name, heads in [("gpt2", 2), ("llama", 4), ("gemma", 4), ("bert", 2)]:
         model = H.backbone(name)
         H.randomize(model)
-        new = to_multimax(model, per_head=True, order=3)
+        new = to_multimax(model, per_head=True, modulator={"order": 3})
         for layer in H.modulators(new):
             assert tuple(layer.ts.shape) == tuple(layer.ranges.shape) == (heads, 6)
         x = H.inputs(model)
@@ -221,7 +221,7 @@ def test_already_converted_and_bad_options_raise():
     with pytest.raises(ValueError, match="replace_softmax=True"):
         to_multimax(model, replace_softmax=True)
     with pytest.raises(ValueError, match="order=0"):
-        to_multimax(model, order=0)
+        to_multimax(model, modulator={"order": 0})
     with pytest.raises(TypeError, match="per_head='yes'"):
         to_multimax(model, per_head="yes")
     with pytest.raises(TypeError, match="multimax=3"):

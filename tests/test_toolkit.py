@@ -15,6 +15,7 @@ import pytest
 from tolerances import assert_close
 
 import keras_multimax
+from keras_multimax import Modulator
 from keras_multimax import analysis
 from keras_multimax import layers
 from keras_multimax.toolkit import plots
@@ -104,7 +105,7 @@ def test_plot_modulators_draws_each_layers_sigma():
     pytest.importorskip("matplotlib", reason="plots need the optional matplotlib")
     import matplotlib.pyplot as plt
 
-    head = layers.SegLU(order=2, name="head")
+    head = layers.SegLU(modulator=Modulator(order=2), name="head")
     model = keras.Sequential([keras.Input((4,)), head], name="net")
     ranges = np.array([-1.0, 1.0, -2.0, 2.0], "float32")
     ts = np.array([0.5, -0.25, 0.1, -0.05], "float32")
