@@ -30,6 +30,7 @@ def active(order=2):
         ranges_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=2),
     )
 
+
 PROMPTS = np.random.default_rng(0).integers(0, VOCAB, size=(3, 4)).astype("int32")
 # float32 logits computed with differently shaped matmuls (one query against S
 # cached keys vs T x T): a few ulps per op over two layers; 1e-4 relative to the
