@@ -493,6 +493,16 @@ def test_half_precision_is_computed_in_float32(dtype):
         assert_close(np.asarray(g, np.float32), w, dtype, 8, floor, what=name)
 
 
+@pytest.mark.only_backend(
+    "tensorflow", reason="the fused forward is a TensorFlow switch"
+)
+def test_fused_tensorflow_forward_matches_the_references():
+    from switches import fused_forward
+
+    with fused_forward():  # the forward as one XLA program
+        _check(_problem(), mask=np.tri(13, 11, 2, dtype=bool), block_size=4)
+
+
 @pytest.mark.only_backend("jax", reason="reads XLA's memory analysis of the program")
 def test_memory_of_a_training_step_grows_linearly_with_the_length():
     """The compiled forward+backward needs O(T) scratch memory, not O(T²).

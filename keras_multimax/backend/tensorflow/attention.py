@@ -5,9 +5,9 @@ adds what TensorFlow needs around it: its loops and the custom gradient.
 Arguments arrive validated by `keras_multimax._attention`.
 
 The forward follows `keras_multimax.config.enable_fused_forward`, as
-`ops.multimax` does: plain builtin ops by default (`tf.while_loop` and
-`TensorArray`, which exporters and TF Serving take), one XLA program with
-the switch on. The backward is always one XLA program: it adds each block's
+`ops.multimax` does: plain builtin ops by default (`tf.while_loop`s, which
+exporters, TF Serving and LiteRT's builtin ``WHILE`` take), one XLA program
+with the switch on. The backward is always one XLA program: it adds each block's
 ``∂L/∂q`` (and ``∂L/∂bias``) into a full-size buffer, which XLA updates in
 place (`keras.ops.slice_update`) and TensorFlow's executor would copy at
 every block. Gradient graphs only run in TensorFlow, which has XLA's CPU and
