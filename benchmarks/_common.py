@@ -15,10 +15,12 @@ round, never across runs of the script).
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -167,3 +169,28 @@ def write_json(name: str, payload: dict, path: str | None = None) -> pathlib.Pat
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(payload, indent=1) + "\n")
     return target
+
+
+def _status_mib(key: str) -> float:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 2**10
+    raise KeyError(key)
+
+
+def peak_rss_above_start(run: Callable[[], object]) -> dict:
+    """Peak RSS of ``run()`` above the RSS before it, and the process's peak.
+
+    Linux resets the high-water mark (VmHWM) to the current RSS on writing 5
+    to /proc/self/clear_refs: the peak of ``run`` alone, not of building its
+    inputs (whose NumPy temporaries can exceed what is measured).
+    """
+    gc.collect()
+    pathlib.Path("/proc/self/clear_refs").write_text("5")
+    start = _status_mib("VmRSS")
+    run()
+    return {
+        "step_peak_above_start_mib": _status_mib("VmHWM") - start,
+        "rss_before_mib": start,
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+    }

@@ -32,10 +32,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import pathlib
-import resource
 import subprocess
 import sys
 
@@ -98,31 +96,9 @@ def _step(variant, hidden, labels, dense, ranges, ts):
     return step
 
 
-def _status_mib(key: str) -> float:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 2**10
-    raise KeyError(key)
-
-
-def _measure(run) -> dict:
-    """Peak RSS of ``run()`` above the RSS before it, and the process's peak.
-
-    Linux resets the high-water mark (VmHWM) to the current RSS on writing 5
-    to /proc/self/clear_refs: the peak of the steps alone, not of building
-    their inputs (whose NumPy temporaries can exceed a fused step).
-    """
-    gc.collect()
-    pathlib.Path("/proc/self/clear_refs").write_text("5")
-    start = _status_mib("VmRSS")
-    run()
-    return {
-        "step_peak_above_start_mib": _status_mib("VmHWM") - start,
-        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
-    }
-
-
 def memory_worker(variant: str, shape) -> dict:
+    import _common
+
     hidden, labels, dense, ranges, ts = _setup(shape)
 
     def run():
@@ -131,7 +107,7 @@ def memory_worker(variant: str, shape) -> dict:
             step()
             float(step())
 
-    return {"variant": variant, "shape": shape, **_measure(run)}
+    return {"variant": variant, "shape": shape, **_common.peak_rss_above_start(run)}
 
 
 def _lm_step(fused: bool, config):
@@ -158,6 +134,8 @@ def _lm_step(fused: bool, config):
 
 
 def lm_memory_worker(variant: str, config) -> dict:
+    import _common
+
     step = _lm_step(variant == "lm_fused", config)
 
     def run():
@@ -165,7 +143,7 @@ def lm_memory_worker(variant: str, config) -> dict:
             step()
             step()
 
-    return {"variant": variant, **_measure(run)}
+    return {"variant": variant, **_common.peak_rss_above_start(run)}
 
 
 def lm_time_worker(config, runs: int) -> dict:

@@ -129,16 +129,69 @@ def _hits(z, target):
     return ops.equal(columns[None, :], target[:, None])
 
 
+# ---------------------------------------------------------------------------
+# Online log-sum-exp over blocks (the fused LM-head loss, blockwise attention)
+# ---------------------------------------------------------------------------
+#
+# A row's logsumexp is kept as (top, total): its maximum so far and the sum of
+# exp(s − top) over the blocks seen. Blocks are merged one at a time; excluded
+# entries hold −inf (they add exactly 0), and a row that has seen nothing but
+# −inf keeps top = −inf and total = 0.
+
+
+def _finite_or_zero(top):
+    """``top`` where it is a number, 0 where it is −inf (a row with no entry)."""
+    return ops.where(ops.equal(top, float("-inf")), ops.zeros_like(top), top)
+
+
+def block_logsumexp(s):
+    """A block's share of the logsumexp over its last axis.
+
+    Returns ``top = max(s)``, ``e = exp(s − top)`` and ``total = Σ e``; a row
+    of −inf only gives ``top = −inf``, ``e = 0`` and ``total = 0`` (not NaN).
+    """
+    top = ops.max(s, axis=-1)
+    e = ops.exp(s - ops.expand_dims(_finite_or_zero(top), -1))
+    return top, e, ops.sum(e, axis=-1)
+
+
+def merge_logsumexp(top, total, block_top, block_total):
+    """Merges a block's ``(block_top, block_total)`` into a row's ``(top, total)``.
+
+    Returns the new ``(top, total)`` and the factors that rescaled the old
+    total and the block's (``exp(top − new_top)``, ``exp(block_top −
+    new_top)``), for the sums kept beside it (attention's ``Σ e·v``).
+    """
+    new_top = ops.maximum(top, block_top)
+    safe = _finite_or_zero(new_top)
+    old_scale = ops.exp(top - safe)
+    block_scale = ops.exp(block_top - safe)
+    return (
+        new_top,
+        total * old_scale + block_total * block_scale,
+        old_scale,
+        block_scale,
+    )
+
+
+def finish_logsumexp(top, total):
+    """``top + log(total)``; 0 for a row that had no entry (``total = 0``).
+
+    NaN stays NaN, so that a NaN input shows.
+    """
+    empty = ops.equal(total, 0)
+    return ops.where(empty, ops.zeros_like(top), top + ops.log(total))
+
+
 def cross_entropy_chunk(z, target, ranges, ts):
     """One vocabulary chunk of ``logsumexp(σ(z)) − σ(z)[label]``, per token.
 
     Returns the max of σ(z), Σ exp(σ(z) − max) and σ(z)[target] (0 where the
-    label is not in this chunk); the caller merges chunks as an online
-    logsumexp.
+    label is not in this chunk); the caller merges chunks with
+    `merge_logsumexp`.
     """
     s = modulate(z, split_parameters(ranges), split_parameters(ts))
-    top = ops.max(s, axis=1)
-    total = ops.sum(ops.exp(s - top[:, None]), axis=1)
+    top, _, total = block_logsumexp(s)
     picked = ops.sum(ops.where(_hits(z, target), s, ops.zeros_like(s)), axis=1)
     return top, total, picked
 
@@ -164,6 +217,55 @@ def cross_entropy_chunk_gradients(z, lse, g, target, ranges, ts):
 def range_scale(order: int) -> list[int]:
     """±(k+1) for ranges[2k] (+) and ranges[2k+1] (−), in the order of the factors."""
     return [s * (k + 1) for k in range(order) for s in (1, -1)]
+
+
+def parameter_gradients(sums, ts):
+    """∂L/∂ranges and ∂L/∂ts from the 4K sums of ∂L/∂σ times the factors.
+
+    ``sums`` holds on its last axis the sums of ∂L/∂σ times the factors of
+    `partials` (the 2K of ``ranges``, then the 2K of ``ts``); ``ts`` is in
+    the dtype of ``sums`` and broadcasts against ``sums[..., :2K]``.
+    """
+    n = ts.shape[-1]
+    scale = ops.convert_to_tensor(range_scale(n // 2), dtype=sums.dtype)
+    d_ranges = sums[..., :n] * ts * scale
+    # ∂σ/∂b = (k+1)·t_b·lo^k is exactly 0 where t_b = 0, also if Σ lo^k overflowed.
+    d_ranges = ops.where(ops.equal(ts, 0), ops.zeros_like(d_ranges), d_ranges)
+    return d_ranges, sums[..., n:]
+
+
+# ---------------------------------------------------------------------------
+# Blocks of attention scores (blockwise MultiMax attention)
+# ---------------------------------------------------------------------------
+
+
+def masked_modulate(x, keep, r: list, t: list):
+    """σ(x) where ``keep``, −inf elsewhere.
+
+    σ is clipped to the finite floats (an overflowing σ would turn into
+    inf − inf = NaN in the SoftMax); the excluded entries get −inf *after*
+    σ, so that they have probability 0 whatever the sign of ``t``.
+    """
+    largest = _largest(x.dtype)
+    z = ops.clip(modulate(x, r, t), -largest, largest)
+    return ops.where(keep, z, ops.full_like(z, float("-inf")))
+
+
+def modulator_gradients(x, gs, r: list, t: list):
+    """∂L/∂x and the 4K products ``gs · factor`` given ``gs = ∂L/∂σ``.
+
+    Entries with ``gs = 0`` (excluded ones) get exactly 0, whatever ``x``
+    holds there (inf, NaN, a masked huge score). Non-finite ``x`` are fixed
+    points of σ: ∂σ/∂x = 1 and nothing for the parameters (their factors
+    are computed at 0 instead). The products are in the order of
+    `partials`' factors (ranges, then ts).
+    """
+    finite = ops.less(ops.abs(x), float("inf"))
+    zero = ops.zeros_like(gs)
+    d_x, ranges_factors, ts_factors = finite_partials(ops.where(finite, x, zero), r, t)
+    dx = ops.where(ops.equal(gs, 0), zero, ops.where(finite, gs * d_x, gs))
+    g_finite = ops.where(finite, gs, zero)
+    return dx, [g_finite * f for f in ranges_factors + ts_factors]
 
 
 def _largest(dtype) -> float:

@@ -31,6 +31,8 @@ import numpy as np
 from keras import backend
 
 from keras_multimax import config
+from keras_multimax._attention import MultiMaxDotProductAttention
+from keras_multimax._attention import multimax_dot_product_attention
 from keras_multimax._cross_entropy import MultiMaxCrossEntropy
 from keras_multimax._cross_entropy import multimax_cross_entropy
 from keras_multimax._symbolic import broadcast_shapes
@@ -45,9 +47,11 @@ TensorLike = Any
 __all__ = [
     "MultiMax",
     "MultiMaxCrossEntropy",
+    "MultiMaxDotProductAttention",
     "SegLU",
     "multimax",
     "multimax_cross_entropy",
+    "multimax_dot_product_attention",
     "plain_ops",
     "seglu",
 ]

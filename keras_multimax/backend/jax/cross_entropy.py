@@ -60,9 +60,8 @@ def _forward(h, w, b, r, t, labels, chunk, ignore_index):
         top, total, picked = state
         z, _ = _logits(hc, w, b, start, size, compute)
         c_top, c_total, c_picked = _chunk_forward(z, labels - start, rc, tc)
-        new_top = jnp.maximum(top, c_top)
-        total = total * jnp.exp(top - new_top) + c_total * jnp.exp(c_top - new_top)
-        return new_top, total, picked + c_picked
+        top, total, _, _ = _formula.merge_logsumexp(top, total, c_top, c_total)
+        return top, total, picked + c_picked
 
     tokens = hc.shape[0]
     state = (
@@ -78,7 +77,7 @@ def _forward(h, w, b, r, t, labels, chunk, ignore_index):
     if vocab % chunk:
         state = step(state, full * chunk, vocab % chunk)
     top, total, picked = state
-    lse = top + jnp.log(total)
+    lse = _formula.finish_logsumexp(top, total)
     loss = jnp.where(ignored, 0.0, (lse - picked) * weight).astype(compute)
     return loss, lse
 
@@ -113,18 +112,15 @@ def _backward(upstream, lse, h, w, b, r, t, labels, chunk, ignore_index):
         kernel_parts.append(dw)
         bias_parts.append(db)
     d_hidden, sums = carry[0], jnp.sum(carry[1], axis=1)
-    n = 2 * order
-    scale = jnp.asarray(_formula.range_scale(order), compute)
-    # ∂σ/∂b = (k+1)·t_b·lo^k is exactly 0 where t_b = 0.
-    d_ranges = jnp.where(tc == 0, 0.0, sums[:n] * tc * scale).astype(r.dtype)
+    d_ranges, d_ts = _formula.parameter_gradients(sums, tc)
     d_kernel = jnp.concatenate(kernel_parts, axis=1)
     d_bias = None if b is None else jnp.concatenate(bias_parts).astype(b.dtype)
     return (
         d_hidden.astype(h.dtype),
         d_kernel,
         d_bias,
-        d_ranges,
-        sums[n:].astype(t.dtype),
+        d_ranges.astype(r.dtype),
+        d_ts.astype(t.dtype),
     )
 
 

@@ -134,9 +134,8 @@ def multimax_cross_entropy(
             top, total, picked = state
             z, _ = _logits(hc, w, b, start, size, compute)
             c_top, c_total, c_picked = _chunk_forward(z, labels - start, rc, tc)
-            new_top = tf.maximum(top, c_top)
-            total = total * tf.exp(top - new_top) + c_total * tf.exp(c_top - new_top)
-            return new_top, total, picked + c_picked
+            top, total, _, _ = _formula.merge_logsumexp(top, total, c_top, c_total)
+            return top, total, picked + c_picked
 
         init = (
             tf.fill([tokens], tf.constant(-np.inf, compute)),
@@ -144,7 +143,7 @@ def multimax_cross_entropy(
             tf.zeros([tokens], compute),
         )
         top, total, picked = _over_chunks(step, init, vocab, chunk)
-        lse = top + tf.math.log(total)
+        lse = _formula.finish_logsumexp(top, total)
         loss = tf.where(ignored, tf.zeros_like(lse), (lse - picked) * weight)
         return loss, lse
 
@@ -198,16 +197,13 @@ def multimax_cross_entropy(
             if len(kernel_parts) > 1
             else kernel_parts[0]
         )
-        n = 2 * order
-        scale = tf.constant(_formula.range_scale(order), compute)
-        # ∂σ/∂b = (k+1)·t_b·lo^k is exactly 0 where t_b = 0.
-        d_ranges = tf.where(tf.equal(tc, 0), tf.zeros_like(tc), sums[:n] * tc * scale)
+        d_ranges, d_ts = _formula.parameter_gradients(sums, tc)
         grads = [tf.cast(d_hidden, h.dtype), d_kernel]
         if b is not None:
             grads.append(
                 tf.concat(bias_parts, 0) if len(bias_parts) > 1 else bias_parts[0]
             )
-        grads += [tf.cast(d_ranges, r.dtype), tf.cast(sums[n:], t.dtype)]
+        grads += [tf.cast(d_ranges, r.dtype), tf.cast(d_ts, t.dtype)]
         return grads
 
     if bias is None:
