@@ -237,10 +237,8 @@ def test_ranges_and_ts_get_nonzero_gradients(per_head):
     assert np.all(g_ranges != 0.0) and np.all(g_ts != 0.0)
 
 
-def test_flash_attention_true_and_bad_arguments():
+def test_bad_arguments():
     base = {"head_dim": 4, "num_query_heads": 4, "num_key_value_heads": 2}
-    with pytest.raises(ValueError, match="flash_attention=True"):
-        layers.MultiMaxGroupQueryAttention(**base, flash_attention=True)
     with pytest.raises(ValueError, match="num_key_value_heads=3"):
         layers.MultiMaxGroupQueryAttention(**{**base, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="head_dim=0"):

@@ -298,12 +298,16 @@ def test_lora_weights_file_carries_the_modulators(tmp_path):
 
 @pytest.mark.parametrize("num_heads", [None, 2])
 def test_attention_multimax_standard_checks(num_heads):
+    from layer_test_case import paper_modulator
     from layer_test_case import run_layer_test
 
     scores = np.random.default_rng(0).normal(size=(2, 2, 3, 3)).astype("float32")
     run_layer_test(
         hub.AttentionMultiMax,
-        {"num_heads": num_heads, "order": 1, "ts_regularizer": "l2"},
+        {
+            "num_heads": num_heads,
+            "modulator": paper_modulator(order=1, ts_regularizer="l2"),
+        },
         scores,
         expected_output_shape=scores.shape,
         expected_num_trainable_weights=2,

@@ -207,11 +207,6 @@ def test_masked_keys_get_exactly_zero_weight_for_both_signs_of_ts():
         np.testing.assert_allclose(scores.sum(-1), 1.0, atol=1e-6)
 
 
-def test_flash_attention_true_is_rejected():
-    with pytest.raises(ValueError, match="flash_attention=True"):
-        layers.MultiMaxAttention(num_heads=2, key_dim=4, flash_attention=True)
-
-
 @pytest.mark.parametrize("use_causal_mask", [False, True])
 def test_keras_masks_on_query_and_value(use_causal_mask):
     tokens_q = np.array([[1, 2, 3, 0, 0], [3, 3, 1, 1, 2]])
@@ -493,30 +488,9 @@ def test_lora_model_keras_round_trip(tmp_path):
     )
 
 
-def test_global_flash_attention_setting_is_ignored():
-    was = keras.config.is_flash_attention_enabled()
-    try:
-        for toggle in (
-            keras.config.enable_flash_attention,
-            keras.config.disable_flash_attention,
-        ):
-            toggle()
-            layer = _built(dropout=0.1)
-            expected, _ = numpy_attention(layer, X, X)
-            np.testing.assert_allclose(
-                to_numpy(layer(X, X)), expected, rtol=1e-5, atol=2e-6
-            )
-    finally:
-        if was is False:
-            keras.config.disable_flash_attention()
-        else:
-            keras.config.enable_flash_attention()
-
-
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"flash_attention": True}, ValueError, "flash_attention=True"),
         ({"per_head": "yes"}, TypeError, "per_head='yes'"),
         ({"num_heads": 0}, ValueError, "num_heads=0"),
     ],

@@ -2,6 +2,7 @@
 
 from keras_multimax.layers.multimax import MultiMax
 from keras_multimax.layers.multimax_attention import MultiMaxAttention
+from keras_multimax.layers.multimax_attention import use_blockwise_attention
 from keras_multimax.layers.multimax_group_query_attention import (
     MultiMaxGroupQueryAttention,
 )
@@ -14,4 +15,5 @@ __all__ = [
     "MultiMaxGroupQueryAttention",
     "MultiMaxLMHead",
     "SegLU",
+    "use_blockwise_attention",
 ]

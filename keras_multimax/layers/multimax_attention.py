@@ -21,14 +21,87 @@ def validate_per_head(per_head: Any) -> bool:
     return per_head
 
 
-def reject_flash_attention(flash_attention: Any, layer: str) -> None:
+# With `flash_attention=None` (Keras' default, "attempt"), the blockwise
+# computation is used from this many score entries (batch x heads x queries x
+# keys) on; below, the materialised one. Measured by
+# benchmarks/bench_attention.py (benchmarks/README.md, "Blockwise attention").
+BLOCKWISE_MIN_SCORES = 8 * 2048 * 2048
+
+# Keras' own message (`MultiHeadAttention._compute_attention`), word for word.
+_SCORES_WITH_FLASH = (
+    "Returning attention scores is not supported when flash "
+    "attention is enabled. Please disable flash attention to access"
+    " attention scores."
+)
+
+
+def use_blockwise_attention(
+    flash_attention: bool | None,
+    scores_shape: tuple,
+    dropout: float = 0.0,
+    return_attention_scores: bool = False,
+    attention_axes: int = 1,
+) -> bool:
+    """Whether a MultiMax attention layer computes its attention block by block.
+
+    The layers take Keras' ``flash_attention`` switch with Keras' meaning,
+    ``flash_attention or keras.config.is_flash_attention_enabled()``; the
+    value that gives is passed here.
+
+    - ``True``: the blockwise computation,
+      `keras_multimax.ops.multimax_dot_product_attention`: O(T) memory, no
+      ``(T, S)`` matrix of scores. Keras' errors for dropout (raised when the
+      layer is built) and for returned scores apply; several attention axes
+      raise a ``ValueError`` (the blockwise op takes one).
+    - ``False``: the materialised computation, scores then
+      `keras_multimax.ops.multimax`.
+    - ``None``: blockwise where it can run (no dropout, no returned scores,
+      one attention axis, static lengths) and the scores would have at least
+      `BLOCKWISE_MIN_SCORES` entries; materialised otherwise. Both compute
+      the same function; below that size the materialised one is faster on
+      the CPU, above it the blockwise one uses far less memory (both
+      measured by ``benchmarks/bench_attention.py``).
+
+    Example:
+
+    >>> use_blockwise_attention(None, (1, 8, 8192, 8192))
+    True
+    >>> use_blockwise_attention(None, (16, 4, 197, 197))
+    False
+    >>> use_blockwise_attention(None, (1, 8, 8192, 8192), dropout=0.1)
+    False
+
+    Args:
+        flash_attention: The layer's effective switch: True, False or None.
+        scores_shape: ``(batch, heads, query_length, key_length)``; None for
+            a dimension only known when the graph runs.
+        dropout: The layer's dropout on the attention weights.
+        return_attention_scores: Whether the call returns the weights.
+        attention_axes: How many axes attention runs over.
+
+    Returns:
+        True for the blockwise computation, False for the materialised one.
+    """
     if flash_attention:
-        raise ValueError(
-            f"`{layer}` cannot use flash attention: fused flash kernels "
-            "compute SoftMax, not MultiMax, and would silently drop the "
-            "modulator. Leave `flash_attention=None` (or False). "
-            f"Received: flash_attention={flash_attention!r}"
-        )
+        if return_attention_scores:
+            raise ValueError(_SCORES_WITH_FLASH)
+        if attention_axes != 1:
+            raise ValueError(
+                "Flash (blockwise) MultiMax attention runs over one attention "
+                "axis; set `flash_attention=False` (or None) for attention over "
+                f"several axes. Received: {attention_axes} attention axes"
+            )
+        return True
+    if flash_attention is not None:
+        return False
+    if dropout > 0 or return_attention_scores or attention_axes != 1:
+        return False
+    if any(d is None for d in scores_shape):
+        return False
+    size = 1
+    for d in scores_shape:
+        size *= int(d)
+    return size >= BLOCKWISE_MIN_SCORES
 
 
 def expand_mask(mask, scores_rank: int, num_attention_axes: int):
@@ -58,9 +131,6 @@ class AttentionModulator(ModulatorParameters):
     """
 
     def _init_attention_modulator(self, per_head, modulator):
-        # The parent may read a global "flash attention enabled" flag; these
-        # layers never call a fused kernel.
-        self._flash_attention = False
         self.per_head = validate_per_head(per_head)
         self.modulator = modulator
 
@@ -101,6 +171,23 @@ class AttentionModulator(ModulatorParameters):
         mask = expand_mask(attention_mask, len(scores.shape), num_attention_axes)
         axes = tuple(range(-num_attention_axes, 0))
         return ops.multimax(scores, ranges, ts, axis=axes, mask=mask)
+
+    def _blockwise_attention(
+        self, query, key, value, attention_mask, use_causal_mask, scale
+    ):
+        """MultiMax attention of projected ``(B, T, H, D)`` queries and
+        ``(B, S, H_kv, D)`` keys and values, block by block
+        (`keras_multimax.ops.multimax_dot_product_attention`)."""
+        return ops.multimax_dot_product_attention(
+            query,
+            key,
+            value,
+            mask=expand_mask(attention_mask, 4, 1),
+            scale=scale,
+            is_causal=bool(use_causal_mask),
+            ranges=self.ranges,
+            ts=self.ts,
+        )
 
     def _with_causal_mask(self, query, value, attention_mask):
         """`attention_mask` (if any) and the parent's causal mask, combined."""
@@ -183,8 +270,13 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
         sliding_window: Optional positive integer: each query attends only
             to the keys within ``sliding_window - 1`` positions of itself (a
             symmetric band, as in the parent). Defaults to ``None``.
-        flash_attention: Must be ``None`` or ``False``: flash kernels compute
-            SoftMax, so ``True`` raises a ``ValueError``.
+        flash_attention: Keras' switch, with Keras' meaning: the layer
+            uses ``flash_attention or
+            keras.config.is_flash_attention_enabled()``. ``True`` computes
+            the attention block by block in O(T) memory
+            (`keras_multimax.ops.multimax_dot_product_attention`; no dropout,
+            no returned scores, as in Keras), ``False`` materialises the
+            scores, ``None`` lets `use_blockwise_attention` choose by size.
         kernel_initializer: Initializer of the projection kernels.
         bias_initializer: Initializer of the projection biases.
         kernel_regularizer: Regularizer of the projection kernels.
@@ -262,7 +354,6 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
         **kwargs,
     ):
         modulator = pop_legacy_arguments(kwargs, modulator, type(self).__name__)
-        reject_flash_attention(flash_attention, type(self).__name__)
         super().__init__(
             num_heads=num_heads,
             key_dim=key_dim,
@@ -272,7 +363,7 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
             output_shape=output_shape,
             attention_axes=attention_axes,
             sliding_window=sliding_window,
-            flash_attention=None,
+            flash_attention=flash_attention,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
             kernel_regularizer=kernel_regularizer,
@@ -315,7 +406,28 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
         return_attention_scores=False,
         use_causal_mask=False,
     ):
-        """Scaled dot-product attention normalised by MultiMax, on every path."""
+        """Scaled dot-product attention normalised by MultiMax, on every path.
+
+        Block by block or with the scores materialised, as
+        `use_blockwise_attention` says for the layer's ``flash_attention``.
+        """
+        scores_shape = (query.shape[0], self._num_heads, query.shape[1], key.shape[1])
+        if use_blockwise_attention(
+            self._flash_attention,
+            scores_shape,
+            self._dropout,
+            return_attention_scores,
+            len(self._attention_axes),
+        ):
+            output = self._blockwise_attention(
+                query,
+                key,
+                value,
+                attention_mask,
+                use_causal_mask,
+                self._inverse_sqrt_key_dim,
+            )
+            return output, None
         if use_causal_mask:
             attention_mask = self._with_causal_mask(query, value, attention_mask)
         query = keras.ops.multiply(

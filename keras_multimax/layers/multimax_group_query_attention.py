@@ -7,7 +7,7 @@ from typing import Any
 import keras
 
 from keras_multimax.layers.multimax_attention import AttentionModulator
-from keras_multimax.layers.multimax_attention import reject_flash_attention
+from keras_multimax.layers.multimax_attention import use_blockwise_attention
 from keras_multimax.modulator import pop_legacy_arguments
 
 __all__ = ["MultiMaxGroupQueryAttention"]
@@ -58,8 +58,11 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
         sliding_window: Optional positive integer: each query attends only
             to the keys within ``sliding_window - 1`` positions of itself (a
             symmetric band, as in the parent). Defaults to ``None``.
-        flash_attention: Must be ``None`` or ``False``: flash kernels compute
-            SoftMax, so ``True`` raises a ``ValueError``.
+        flash_attention: Keras' switch, with Keras' meaning (see
+            `MultiMaxAttention`): ``True`` computes the attention block by
+            block in O(T) memory, reading each key/value head once for its
+            group of query heads; ``False`` materialises the scores; ``None``
+            lets `use_blockwise_attention` choose by size.
         kernel_initializer: Initializer of the projection kernels.
         bias_initializer: Initializer of the projection biases.
         kernel_regularizer: Regularizer of the projection kernels.
@@ -132,7 +135,6 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
         **kwargs,
     ):
         modulator = pop_legacy_arguments(kwargs, modulator, type(self).__name__)
-        reject_flash_attention(flash_attention, type(self).__name__)
         for name, value in (
             ("head_dim", head_dim),
             ("num_query_heads", num_query_heads),
@@ -155,7 +157,7 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
             dropout=dropout,
             use_bias=use_bias,
             sliding_window=sliding_window,
-            flash_attention=None,
+            flash_attention=flash_attention,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
             kernel_regularizer=kernel_regularizer,
@@ -192,7 +194,33 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
         training=None,
         use_causal_mask=False,
     ):
-        """Scaled dot-product attention normalised by MultiMax, on every path."""
+        """Scaled dot-product attention normalised by MultiMax, on every path.
+
+        Block by block or with the scores materialised, as
+        `use_blockwise_attention` says for the layer's ``flash_attention``.
+        """
+        return_scores = getattr(self, "_return_attention_scores", False)
+        scores_shape = (
+            query.shape[0],
+            self.num_query_heads,
+            query.shape[1],
+            key.shape[1],
+        )
+        if use_blockwise_attention(
+            self._flash_attention, scores_shape, self.dropout, return_scores
+        ):
+            # Keras' `call` repeats each key/value head for its group of query
+            # heads; every `num_repeats`-th head is the unrepeated one, which
+            # the blockwise op reads once per group.
+            output = self._blockwise_attention(
+                query,
+                key[:, :, :: self.num_repeats],
+                value[:, :, :: self.num_repeats],
+                attention_mask,
+                use_causal_mask,
+                self._inverse_sqrt_head_dim,
+            )
+            return output, None
         if use_causal_mask:
             attention_mask = self._with_causal_mask(query, value, attention_mask)
         query = keras.ops.multiply(

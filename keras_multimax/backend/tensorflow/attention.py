@@ -107,6 +107,14 @@ _backward_kernel = _kernel(_blockwise.backward)
 def multimax_dot_product_attention(query, key, value, bias, mask, ranges, ts, tiling):
     """Blockwise MultiMax attention of validated tensors (see `_attention`)."""
     fused = config.is_fused_forward_enabled()
+    # Keras variables (a layer's ranges and ts) are read here, once: a
+    # `tf.custom_gradient` that reads a variable inside must differentiate it
+    # as a variable, and these are ordinary inputs of the gradient below.
+    query, key, value, ranges, ts = (
+        tf.convert_to_tensor(x) for x in (query, key, value, ranges, ts)
+    )
+    if bias is not None:
+        bias = tf.convert_to_tensor(bias)
 
     def run(q, k, v, b, r, t):
         if fused:
