@@ -85,7 +85,9 @@ def transfer_state(old, new, created=()) -> None:
                 f"the MultiMax copy ({target.path!r})."
                 + (f" {_CONVERT_FIRST}" if _is_quantized(old) else "")
             )
-        target.assign(variable)
+        # A copy of the value: JAX arrays are shared by an assignment, and a
+        # jitted train step of either model donates (deletes) its arrays.
+        target.assign(keras.ops.copy(variable.value))
         target.trainable = variable.trainable
 
 
