@@ -66,6 +66,18 @@ def test_task_converts_keeping_class_weights_and_outputs(name):
     np.testing.assert_array_equal(H.outputs(model, x), reference)
 
 
+def test_training_the_copy_leaves_the_original_as_it_was():
+    # On JAX a compiled train step donates (deletes) the arrays of the
+    # variables it updates: the copy must not share them with the original.
+    model, new = _pair("gpt2")
+    x = H.inputs(model)
+    reference = H.outputs(model, x)
+    # KerasHub compiles a task with a sparse cross-entropy of its logits.
+    new.train_on_batch(x, np.zeros((H.B, H.T), "int32"))
+    np.testing.assert_array_equal(H.outputs(model, x), reference)
+    assert H.rel_diff(H.outputs(new, x), reference) > 0
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_active_modulators_change_outputs_and_get_gradients(name):
     model, new = _pair(name)
@@ -119,16 +131,17 @@ def test_compiled_generate_equals_an_uncached_greedy_loop(name):
         "token_ids": np.concatenate([prompt, np.zeros((H.B, H.T - 3), "int32")], 1),
         "padding_mask": np.arange(H.T)[None].repeat(H.B, 0) < 3,
     }
+    # The other samplers, on one family: the sampler is KerasHub's code
+    # around the same `call_with_cache` (each costs a compilation).
     samplers = ["top_k", keras_hub.samplers.BeamSampler(num_beams=2)]
+    if name != "gpt2":
+        samplers = []
     if isinstance(new, keras_hub.models.Gemma3CausalLM):
         # KerasHub 0.32's Gemma3CausalLM.generate_step, text only: it returns
         # the `images` it was given, and with no preprocessor `generate` fails
-        # concatenating a None, so an empty image batch (also text only). Its
-        # `next` slices the prompt's padding mask with the beam-expanded batch
-        # size, so beam search fails in KerasHub's own SoftMax model too.
+        # concatenating a None, so an empty image batch (also text only).
         size = new.backbone.image_size
         x["images"] = np.zeros((H.B, 0, size, size, 3), "float32")
-        samplers.pop()
     new.compile(sampler="greedy")
     out = new.generate(x, max_length=H.T, stop_token_ids=None)
     np.testing.assert_array_equal(_np(out["token_ids"]), expected)
@@ -194,13 +207,12 @@ def test_keras_files_reload_in_a_fresh_process(tmp_path):
 BASE_TASKS = {
     "bert": keras_hub.models.TextClassifier,
     "gpt2": keras_hub.models.CausalLM,
-    "llama": keras_hub.models.CausalLM,
-    "gemma": keras_hub.models.CausalLM,
     "vit": keras_hub.models.ImageClassifier,
 }
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+# One family per KerasHub loader (CausalLM, TextClassifier, ImageClassifier).
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit"])
 def test_preset_round_trip_through_keras_hub_loaders(name, tmp_path):
     model, new = _pair(name)
     H.activate(new)
