@@ -25,7 +25,11 @@ from __future__ import annotations
 import numpy as np
 from keras import layers
 from keras import ops
-from keras_hub.src.layers.modeling import cached_multi_head_attention as cached
+from keras_hub.layers import CachedMultiHeadAttention
+
+# Private modules: KerasHub exports its family attention classes nowhere
+# public (`keras_hub.layers` has `CachedMultiHeadAttention` alone), and a twin
+# must subclass the class itself.
 from keras_hub.src.models.bloom.bloom_attention import BloomAttention
 from keras_hub.src.models.deberta_v3.disentangled_self_attention import (
     DisentangledSelfAttention,
@@ -40,7 +44,9 @@ from keras_hub.src.models.mixtral.mixtral_attention import CachedMixtralAttentio
 from keras_hub.src.models.phi3.phi3_attention import Phi3Attention
 from keras_hub.src.models.qwen.qwen_attention import QwenAttention
 from keras_hub.src.models.qwen3.qwen3_attention import Qwen3Attention
-from keras_hub.src.models.whisper import whisper_cached_multi_head_attention as whisper
+from keras_hub.src.models.whisper.whisper_cached_multi_head_attention import (
+    WhisperCachedMultiHeadAttention,
+)
 from keras_hub.src.models.xlnet.relative_attention import TwoStreamRelativeAttention
 
 from keras_multimax.hub._attention import MultiHeadAttentionTwin
@@ -48,11 +54,6 @@ from keras_multimax.hub._attention import SoftmaxSublayerTwin
 from keras_multimax.hub._attention import register_attention
 from keras_multimax.layers.multimax_attention import MultiMaxAttention
 from keras_multimax.models._cached_attention import CachedAttention
-
-# KerasHub exports its attention classes only as `keras_hub.src` modules (the
-# public `keras_hub.layers` has `CachedMultiHeadAttention` alone), so the twins
-# import them from there: there is no public route to the class to subclass.
-
 
 # -- MultiHeadAttention and its KerasHub subclasses -------------------------
 
@@ -67,7 +68,7 @@ class MultiMaxCachedMultiHeadAttention(
     MultiHeadAttentionTwin,
     CachedAttention,
     MultiMaxAttention,
-    cached.CachedMultiHeadAttention,
+    CachedMultiHeadAttention,
 ):
     """KerasHub's ``CachedMultiHeadAttention`` with MultiMax, cached or not."""
 
@@ -76,7 +77,7 @@ class MultiMaxWhisperCachedMultiHeadAttention(
     MultiHeadAttentionTwin,
     CachedAttention,
     MultiMaxAttention,
-    whisper.WhisperCachedMultiHeadAttention,
+    WhisperCachedMultiHeadAttention,
 ):
     """Whisper's cached attention (no key bias) with MultiMax."""
 
@@ -249,8 +250,8 @@ class MultiMaxDisentangledSelfAttention(SoftmaxSublayerTwin, DisentangledSelfAtt
 
 TWINS = {
     layers.MultiHeadAttention: MultiMaxMultiHeadAttention,
-    cached.CachedMultiHeadAttention: MultiMaxCachedMultiHeadAttention,
-    whisper.WhisperCachedMultiHeadAttention: MultiMaxWhisperCachedMultiHeadAttention,
+    CachedMultiHeadAttention: MultiMaxCachedMultiHeadAttention,
+    WhisperCachedMultiHeadAttention: MultiMaxWhisperCachedMultiHeadAttention,
     TwoStreamRelativeAttention: MultiMaxTwoStreamRelativeAttention,
     LlamaAttention: MultiMaxLlamaAttention,
     CachedMistralAttention: MultiMaxCachedMistralAttention,
