@@ -57,6 +57,11 @@ def parse_args(argv=None):
     parser.add_argument("--backend", choices=BACKENDS, help="run one backend here")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument(
+        "--what",
+        default="train step,decode / token",
+        help="comma-separated: 'train step', 'decode / token'",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/)")
     return parser.parse_args(argv)
@@ -82,6 +87,7 @@ def run_both(args):
             out = pathlib.Path(tmp) / "out.json"
             command = [sys.executable, __file__, "--backend", backend]
             command += ["--runs", str(args.runs), "--families", args.families]
+            command += ["--what", args.what]
             command += ["--output", str(out)] + (["--profile"] if args.profile else [])
             subprocess.run(command, check=True)
             results[backend] = json.loads(out.read_text())
@@ -188,14 +194,24 @@ def run_timing(args):
     import numpy as np
 
     records = []
+    measures = {"train step": train_step, "decode / token": decode_step}
     for family in args.families.split(","):
         models = twins(family)
-        for what, make in (("train step", train_step), ("decode / token", decode_step)):
+        for what in args.what.split(","):
             variants = {
-                kind: make(model, np.random.default_rng(0))
+                kind: measures[what](model, np.random.default_rng(0))
                 for kind, model in models.items()
             }
-            result = _common.interleaved(variants, "softmax", runs=args.runs)
+            # A decoding step takes milliseconds: rounds of many calls, and one
+            # untimed call after the other variant ran.
+            short = what == "decode / token"
+            result = _common.interleaved(
+                variants,
+                "softmax",
+                runs=args.runs,
+                min_seconds=0.2 if short else 0.02,
+                settle=1 if short else 0,
+            )
             row = {"family": family, "what": what, "backend": keras.config.backend()}
             for kind, r in result.items():
                 row[kind] = {k: r[k] for k in ("wall_ms", "ratio", "ratio_quartiles")}

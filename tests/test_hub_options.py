@@ -444,3 +444,22 @@ def test_enable_multimax_needs_a_built_layer_with_a_twin():
     assert hub.enable_multimax(layer, per_head=True) is layer
     assert isinstance(layer, keras_hub.layers.CachedMultiHeadAttention)
     assert isinstance(layer, hub.MultiMaxTwin) and tuple(layer.ts.shape) == (2, 4)
+
+
+def test_a_backbone_nested_in_a_functional_model_converts():
+    backbone = H.backbone("bert")
+    H.randomize(backbone)
+    inputs = {
+        name: keras.Input(t.shape[1:], dtype=t.dtype, name=name)
+        for name, t in backbone.input.items()
+    }
+    pooled = backbone(inputs)["pooled_output"]
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(pooled))
+    new = to_multimax(model)
+    (nested,) = [la for la in new.layers if isinstance(la, keras_hub.models.Backbone)]
+    assert hub.is_multimax(nested) and not hub.is_multimax(backbone)
+    x = H.inputs(backbone)
+    assert H.rel_diff(_np(new(x)), _np(model(x))) <= TS0_BOUND
+    np.testing.assert_array_equal(
+        _np(new.get_layer("head").kernel), _np(model.get_layer("head").kernel)
+    )
