@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_multimax  # noqa: E402
+import keras_multimax.hub  # noqa: E402, F401  # MultiMax KerasHub classes, for from_preset
 
 # tf.data pipelines are shuffled already; Keras warns that fit's shuffle is unused.
 warnings.filterwarnings("ignore", message=".*shuffle=True.*")

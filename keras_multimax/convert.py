@@ -1,4 +1,22 @@
-"""Swapping MultiMax into existing Keras models: `to_multimax`."""
+"""Swapping MultiMax into existing Keras models: `to_multimax`, one engine.
+
+`to_multimax` is the one entry point. It picks a strategy by the kind of
+model and hands both the same last step:
+
+- **Keras** (this module): a Functional or Sequential model is rebuilt
+  layer by layer (`keras.models.clone_model`), each attention layer as its
+  MultiMax twin (`keras_multimax.layers.MultiMaxAttention`...) and the SoftMax
+  output layers too with ``replace_softmax=True``;
+- **KerasHub** (`keras_multimax.hub`, imported only for a KerasHub model): a
+  Backbone or Task is rebuilt from its config as its registered MultiMax
+  class, whose attention layers are MultiMax twins;
+- both then copy the original's state into the copy with
+  `keras_multimax._transfer.transfer_state`: quantization, LoRA adapters,
+  weights and trainable flags.
+
+`keras_multimax.hub` does not import this module, so there is no import
+cycle.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +24,9 @@ import sys
 from typing import Any
 
 import keras
-from keras.src.models.functional import Functional
 
+from keras_multimax._transfer import modulator_variables
+from keras_multimax._transfer import transfer_state
 from keras_multimax.layers.multimax import MultiMax
 from keras_multimax.layers.multimax_attention import MultiMaxAttention
 from keras_multimax.layers.multimax_attention import validate_per_head
@@ -26,13 +45,6 @@ _ATTENTION_TWINS = {
     keras.layers.GroupQueryAttention: MultiMaxGroupQueryAttention,
 }
 _MULTIMAX_ATTENTION = (MultiMaxAttention, MultiMaxGroupQueryAttention)
-_PROJECTIONS = (
-    "_query_dense",
-    "_key_dense",
-    "_value_dense",
-    "_gate_dense",
-    "_output_dense",
-)
 
 
 @keras.saving.register_keras_serializable(package="keras_multimax")
@@ -164,13 +176,15 @@ def to_multimax(
     e.g. ``GPT2CausalLM``, ``LlamaBackbone``, ``BertTextClassifier``,
     ``ViTImageClassifier``, ``BartSeq2SeqLM``) convert too, also nested in a
     Functional model: the result is an instance of the registered MultiMax
-    subclass of the model's class (``MultiMaxGPT2CausalLM``), with the same
-    weights and the same preprocessor object, whose ``generate()``,
+    class of the model's class (``MultiMaxGPT2CausalLM``), built from the
+    model's config, with the same weights, LoRA adapters and quantization
+    and the same preprocessor object, whose ``generate()``,
     ``call_with_cache``, ``save``, ``save_to_preset`` and ``enable_lora``
-    keep working; see `keras_multimax.hub`. Every attention layer is
-    reached (``MultiHeadAttention`` and its cached subclasses, and the family
-    layers that normalise through a ``keras.layers.Softmax`` sublayer), or a
-    ``ValueError`` names the ones that cannot be.
+    keep working; its attention layers are the MultiMax twins of KerasHub's
+    (see `keras_multimax.hub`). A family with no MultiMax class, or an
+    attention class with no twin, raises a ``ValueError`` that names it and
+    the hook that adds it (`keras_multimax.hub.register_model`,
+    `keras_multimax.hub.register_attention`).
 
     `to_multimax` never returns a model without new MultiMax in it: when it
     finds nothing to convert, or a ``keras.layers.Softmax`` inside a custom
@@ -239,10 +253,11 @@ def _is_keras_hub_model(model) -> bool:
 
 
 def _hub_to_multimax(model, modulator: Modulator, per_head: bool):
-    from keras_multimax.hub import _layers
-    from keras_multimax.hub import _models
+    # Imported here, not with this module: `import keras_multimax` does not
+    # import KerasHub, and a KerasHub model means KerasHub is imported.
+    from keras_multimax.hub._convert import convert_model
 
-    return _models.to_multimax(model, _layers.conversion_options(modulator, per_head))
+    return convert_model(model, modulator, per_head)
 
 
 class _Converter:
@@ -294,7 +309,8 @@ class _Converter:
             return _hub_to_multimax(model, self.modulator, self.per_head)
         if isinstance(model, keras.Sequential):
             return self._convert_sequential(model)
-        if isinstance(model, Functional):
+        if isinstance(model, keras.Function):
+            # A Functional model: a `keras.Model` that is a graph of operations.
             return self._convert_functional(model)
         if isinstance(model, keras.Model):
             raise TypeError(
@@ -340,7 +356,7 @@ class _Converter:
             model, clone_function=clone_function, call_function=call_function
         )
         for old, new in pairs:
-            _copy_weights(old, new)
+            _transfer(old, new)
         return new_model
 
     def _convert_sequential(self, model):
@@ -376,7 +392,7 @@ class _Converter:
             new_layers, name=model.name, trainable=model.trainable
         )
         for old, new in pairs:
-            _copy_weights(old, new)
+            _transfer(old, new)
         if model.compiled:
             new_model.compile_from_config(model.get_compile_config())
         return new_model
@@ -455,7 +471,9 @@ def _float_policy(policy):
     """The float policy a quantized policy ("int8_from_float32") comes from."""
     if getattr(policy, "quantization_mode", None) is None:
         return policy
-    return keras.DTypePolicy(policy._source_name)
+    if policy.compute_dtype == policy.variable_dtype:
+        return keras.DTypePolicy(policy.variable_dtype)
+    return keras.DTypePolicy(f"mixed_{policy.compute_dtype}")
 
 
 def _unique_name(name: str, taken: set) -> str:
@@ -488,91 +506,15 @@ def _nested_attention(layer):
     return None
 
 
-def _copy_weights(old, new):
-    """Copies `old`'s weights into `new` (the attention twin or a clone)."""
+def _transfer(old, new):
+    """`transfer_state` of one layer of the rebuilt graph."""
     if not old.weights:
         return
-    if isinstance(new, _MULTIMAX_ATTENTION):
-        # Projection by projection, so that quantization and LoRA adapters
-        # come along: the twin's projections were built in float.
-        for name in _PROJECTIONS:
-            old_dense = getattr(old, name, None)
-            if old_dense is None:
-                continue
-            new_dense = getattr(new, name)
-            _quantize_like(old, old_dense, new_dense)
-            if old_dense.lora_enabled and not new_dense.lora_enabled:
-                new_dense.enable_lora(
-                    old_dense.lora_rank, lora_alpha=old_dense.lora_alpha
-                )
-            _assign_weights(old, old_dense, new_dense)
-        if isinstance(old, _MULTIMAX_ATTENTION):
-            new.ranges.assign(old.ranges)
-            new.ts.assign(old.ts)
-        return
-    _assign_weights(old, old, new)
-
-
-def _quantize_like(layer, old_dense, new_dense):
-    """Quantizes the twin's projection `new_dense` as `old_dense` is."""
-    mode = old_dense.quantization_mode
-    if mode is None or new_dense.quantization_mode == mode:
-        return
+    created = () if modulator_variables(old) else modulator_variables(new)
     try:
-        new_dense.quantize(mode, config=old_dense.quantization_config)
-    except Exception as error:  # Keras raises several types here.
-        raise ValueError(
-            f"`to_multimax` cannot rebuild the {mode!r}-quantized projection "
-            f"{old_dense.name!r} of layer {layer.name!r} "
-            f"({type(layer).__name__}): {error}. Convert before quantizing: "
-            "call `to_multimax` on the float model, then quantize the result "
-            "(`new_model.quantize(...)`)."
-        ) from error
-
-
-def _weight_keys(layer):
-    # A weight's path is "<layer name>/<sub-layers>/<weight name>".
-    return [w.path.split("/", 1)[-1] for w in layer.weights]
-
-
-def _assign_weights(owner, old, new):
-    """Copies `old`'s weights into `new`, by name when the names match.
-
-    Matching by name keeps the copy right when the two layers created their
-    variables in a different order (a quantized layer rebuilt from its
-    config creates the quantization variables first); otherwise the weights
-    are copied in order, as `set_weights` does.
-    """
-    old_keys, new_keys = _weight_keys(old), _weight_keys(new)
-    try:
-        if len(set(old_keys)) == len(old_keys) and sorted(old_keys) == sorted(new_keys):
-            targets = dict(zip(new_keys, new.weights))
-            for key, weight in zip(old_keys, old.weights):
-                target = targets[key]
-                if tuple(target.shape) != tuple(weight.shape) or (
-                    target.dtype != weight.dtype
-                ):
-                    raise ValueError(
-                        f"weight {key!r} is {weight.dtype}{tuple(weight.shape)} "
-                        f"in the original and {target.dtype}"
-                        f"{tuple(target.shape)} in the copy"
-                    )
-                target.assign(weight)
-        else:
-            new.set_weights(old.get_weights())
+        transfer_state(old, new, created=created)
     except ValueError as error:
-        quantized = any(
-            getattr(sub, "quantization_mode", None)
-            for sub in old._flatten_layers(include_self=True)
-        )
-        hint = (
-            " Convert before quantizing: call `to_multimax` on the float "
-            "model, then quantize the result (`new_model.quantize(...)`)."
-            if quantized
-            else ""
-        )
         raise ValueError(
-            f"`to_multimax` could not copy the weights of layer "
-            f"{owner.name!r} ({type(owner).__name__}) into its copy: "
-            f"{error}.{hint}"
+            f"`to_multimax` could not carry layer {old.name!r} "
+            f"({type(old).__name__}) into its copy: {error}"
         ) from error

@@ -4,7 +4,8 @@ import keras
 import keras_hub
 import numpy as np
 
-from keras_multimax.hub._layers import AttentionMultiMax
+from keras_multimax.hub import AttentionMultiMax
+from keras_multimax.hub import MultiMaxTwin
 from keras_multimax.layers.multimax_attention import AttentionModulator
 
 V, T, B = 40, 8, 2  # vocabulary, sequence length, batch
@@ -75,19 +76,13 @@ BACKBONES = {
         },
     ),
 }
-# Out of reach: inline softmax or unconditional fused attention.
+# Families keras_multimax does not convert (no MultiMax class): their
+# attention computes an inline softmax or an unconditional fused SoftMax.
 UNREACHABLE = {
     "roformer_v2": (M.RoformerV2Backbone, {**MHA, "head_size": 8}),
     "esm": (M.ESMBackbone, MHA),
     "t5": (M.T5Backbone, MHA),
     "gpt_oss": (M.GptOssBackbone, {**GQA, "num_experts": 2}),
-}
-# The attention class each of them uses.
-UNREACHABLE_CLASSES = {
-    "roformer_v2": "RoformerAttention",
-    "esm": "EsmSelfAttention",
-    "t5": "T5MultiHeadAttention",
-    "gpt_oss": "GptOssAttention",
 }
 # name -> task class, for the families tested in depth.
 TASKS = {
@@ -157,6 +152,15 @@ def attention_layers(model):
     return found
 
 
+def softmax_attention(model):
+    """The attention layers of `model` that are not MultiMax twins."""
+    return [
+        layer
+        for layer in attention_layers(model)
+        if not isinstance(layer, MultiMaxTwin)
+    ]
+
+
 def modulators(model):
     """The layers that own MultiMax `ranges`/`ts` in a converted model."""
     return [
@@ -172,6 +176,26 @@ def activate(model, seed=1, scale=1.0):
     for layer in modulators(model):
         layer.ranges.assign(rng.normal(size=layer.ranges.shape))
         layer.ts.assign(scale * rng.uniform(0.5, 1.0, size=layer.ts.shape))
+
+
+def modulator_gradients(model, x):
+    """Gradients of sum(outputs²) for every ranges/ts of `model`, by path."""
+    from backend_helpers import value_and_gradients
+
+    trainable = model.trainable_variables
+    values = [v.value for v in trainable]
+    others = [v.value for v in model.non_trainable_variables]
+    wanted = [i for i, v in enumerate(trainable) if v.name in ("ranges", "ts")]
+
+    def loss(*modulators):
+        for i, value in zip(wanted, modulators):
+            values[i] = value
+        outputs, _ = model.stateless_call(values, others, x)
+        leaves = keras.tree.flatten(outputs)
+        return sum(keras.ops.sum(keras.ops.square(y)) for y in leaves)
+
+    _, grads = value_and_gradients(loss, *[values[i] for i in wanted])
+    return {trainable[i].path: g for i, g in zip(wanted, grads)}
 
 
 def rel_diff(a, b):

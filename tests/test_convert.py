@@ -6,7 +6,6 @@ import keras
 import numpy as np
 import numpy_reference as ref
 import pytest
-from layer_test_case import paper_modulator
 from layer_test_case import run_layer_test
 
 from keras_multimax import Modulator
@@ -175,18 +174,20 @@ def test_activation_softmax_and_options_pass_through():
     h = keras.layers.MultiHeadAttention(2, 4, name="mha")(inputs, inputs)
     outputs = keras.layers.Activation("softmax", name="act")(h)
     model = keras.Model(inputs, outputs)
+    modulator = Modulator(order=1, ts_regularizer="l2", ranges_constraint="non_neg")
     new = convert.to_multimax(
-        model,
-        replace_softmax=True,
-        modulator=Modulator(order=1, ts_regularizer="l2", ranges_constraint="non_neg"),
-        per_head=True,
+        model, replace_softmax=True, modulator=modulator, per_head=True
     )
     mha = new.get_layer("mha")
-    assert mha.per_head and mha.order == 1 and tuple(mha.ts.shape) == (2, 2)
+    assert mha.per_head and mha.modulator == modulator and tuple(mha.ts.shape) == (2, 2)
     assert isinstance(mha.modulator.ts_regularizer, keras.regularizers.L2)
     act = new.get_layer("act")
-    assert type(act) is convert.ActivationMultiMax and act.order == 1
+    assert type(act) is convert.ActivationMultiMax and act.modulator == modulator
     np.testing.assert_allclose(_np(new(X)), _np(model(X)), atol=1e-6)
+    # 0.2.0's separate arguments still work, with a DeprecationWarning.
+    with pytest.warns(DeprecationWarning, match="removed in 0.4.0"):
+        old = convert.to_multimax(model, order=1, ts_regularizer="l2")
+    assert old.get_layer("mha").modulator == Modulator(order=1, ts_regularizer="l2")
 
 
 def test_lora_and_already_converted_layers_are_copied():
@@ -300,7 +301,9 @@ def test_not_a_model():
 def test_activation_multimax_standard_checks():
     run_layer_test(
         convert.ActivationMultiMax,
-        {"modulator": paper_modulator(order=1, ts_regularizer="l1")},
+        # ts ≠ 0: at ts = 0 the gradient of `ranges` is 0, and one training
+        # step must move every MultiMax weight.
+        {"modulator": Modulator(order=1, ts_initializer="ones", ts_regularizer="l1")},
         X,
         expected_output_shape=X.shape,
         expected_num_trainable_weights=2,
@@ -444,7 +447,8 @@ def test_quantization_that_cannot_be_repeated_says_convert_first(monkeypatch):
 
     monkeypatch.setattr(keras.layers.EinsumDense, "quantize", refuse)
     with pytest.raises(
-        ValueError, match="projection 'query' of layer 'mha'.*Convert before quantizing"
+        ValueError,
+        match="'int8'-quantized layer 'mha/query'.*Convert before quantizing",
     ):
         convert.to_multimax(model)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import keras_multimax
+from keras_multimax import Modulator
 from keras_multimax import hub
 from keras_multimax.convert import to_multimax
 
@@ -46,11 +47,7 @@ def test_task_converts_keeping_class_weights_and_outputs(name):
     assert new.preprocessor is model.preprocessor
     # One modulator per attention layer, no SoftMax attention left.
     assert len(H.modulators(new)) == len(H.attention_layers(model)) == 2
-    assert not [
-        layer
-        for layer in H.attention_layers(new)
-        if not isinstance(layer, hub._layers.ConvertedAttention)
-    ]
+    assert not H.softmax_attention(new)
     assert not H.modulators(model)  # the original is untouched
     # Same values in separate variables; the only new ones are ranges/ts.
     new_by_path = {w.path: w for w in new.weights}
@@ -69,24 +66,28 @@ def test_task_converts_keeping_class_weights_and_outputs(name):
     np.testing.assert_array_equal(H.outputs(model, x), reference)
 
 
+def test_training_the_copy_leaves_the_original_as_it_was():
+    # On JAX a compiled train step donates (deletes) the arrays of the
+    # variables it updates: the copy must not share them with the original.
+    model, new = _pair("gpt2")
+    x = H.inputs(model)
+    reference = H.outputs(model, x)
+    # KerasHub compiles a task with a sparse cross-entropy of its logits.
+    new.train_on_batch(x, np.zeros((H.B, H.T), "int32"))
+    np.testing.assert_array_equal(H.outputs(model, x), reference)
+    assert H.rel_diff(H.outputs(new, x), reference) > 0
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_active_modulators_change_outputs_and_get_gradients(name):
     model, new = _pair(name)
     x = H.inputs(model)
     H.activate(new)
     assert H.rel_diff(H.outputs(new, x), H.outputs(model, x)) > ACTIVE_BOUND
-    import tensorflow as tf
-
-    variables = [v for layer in H.modulators(new) for v in (layer.ranges, layer.ts)]
-    with tf.GradientTape() as tape:
-        loss = sum(
-            keras.ops.sum(keras.ops.square(y)) for y in keras.tree.flatten(new(x))
-        )
-    grads = tape.gradient(loss, [v.value for v in variables])
-    for variable, grad in zip(variables, grads):
-        assert grad is not None, variable.path
-        g = _np(grad)
-        assert np.all(np.isfinite(g)) and np.any(g != 0), variable.path
+    grads = H.modulator_gradients(new, x)
+    assert len(grads) == 2 * len(H.modulators(new)) == 4
+    for path, grad in grads.items():
+        assert np.all(np.isfinite(grad)) and np.any(grad != 0), path
 
 
 @pytest.mark.parametrize("name", CAUSAL)
@@ -130,16 +131,17 @@ def test_compiled_generate_equals_an_uncached_greedy_loop(name):
         "token_ids": np.concatenate([prompt, np.zeros((H.B, H.T - 3), "int32")], 1),
         "padding_mask": np.arange(H.T)[None].repeat(H.B, 0) < 3,
     }
+    # The other samplers, on one family: the sampler is KerasHub's code
+    # around the same `call_with_cache` (each costs a compilation).
     samplers = ["top_k", keras_hub.samplers.BeamSampler(num_beams=2)]
+    if name != "gpt2":
+        samplers = []
     if isinstance(new, keras_hub.models.Gemma3CausalLM):
         # KerasHub 0.32's Gemma3CausalLM.generate_step, text only: it returns
         # the `images` it was given, and with no preprocessor `generate` fails
-        # concatenating a None, so an empty image batch (also text only). Its
-        # `next` slices the prompt's padding mask with the beam-expanded batch
-        # size, so beam search fails in KerasHub's own SoftMax model too.
+        # concatenating a None, so an empty image batch (also text only).
         size = new.backbone.image_size
         x["images"] = np.zeros((H.B, 0, size, size, 3), "float32")
-        samplers.pop()
     new.compile(sampler="greedy")
     out = new.generate(x, max_length=H.T, stop_token_ids=None)
     np.testing.assert_array_equal(_np(out["token_ids"]), expected)
@@ -155,8 +157,8 @@ _RELOAD = textwrap.dedent(
     """
     import json, sys
     import keras, numpy as np
-    import keras_multimax
-    from keras_multimax.hub._layers import ConvertedAttention
+    import keras_multimax.hub  # the one import a saved MultiMax model needs
+    from keras_multimax.hub import MultiMaxTwin
     results = {}
     for name, path in json.loads(sys.argv[1]).items():
         model = keras.saving.load_model(path + ".keras")
@@ -164,7 +166,7 @@ _RELOAD = textwrap.dedent(
         x = x.pop("images") if "images" in x else x
         out = np.concatenate([np.ravel(keras.ops.convert_to_numpy(y))
                               for y in keras.tree.flatten(model(x))])
-        converted = sum(isinstance(layer, ConvertedAttention)
+        converted = sum(isinstance(layer, MultiMaxTwin)
                         for layer in model._flatten_layers())
         results[name] = [type(model).__name__, converted, out.tolist()]
     print(json.dumps(results))
@@ -205,13 +207,12 @@ def test_keras_files_reload_in_a_fresh_process(tmp_path):
 BASE_TASKS = {
     "bert": keras_hub.models.TextClassifier,
     "gpt2": keras_hub.models.CausalLM,
-    "llama": keras_hub.models.CausalLM,
-    "gemma": keras_hub.models.CausalLM,
     "vit": keras_hub.models.ImageClassifier,
 }
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+# One family per KerasHub loader (CausalLM, TextClassifier, ImageClassifier).
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit"])
 def test_preset_round_trip_through_keras_hub_loaders(name, tmp_path):
     model, new = _pair(name)
     H.activate(new)
@@ -228,19 +229,19 @@ def test_preset_round_trip_through_keras_hub_loaders(name, tmp_path):
     assert H.rel_diff(H.outputs(loaded, x), expected) <= TS0_BOUND
     backbone = keras_hub.models.Backbone.from_preset(preset)
     assert type(backbone) is type(new.backbone)
-    assert backbone.multimax == new.backbone.multimax
+    assert backbone.modulator == new.backbone.modulator
     # A MultiMax preset comes back as saved; options for it would be ignored.
     assert type(hub.from_preset(preset, BASE_TASKS[name])) is type(new)
     with pytest.raises(ValueError, match="MultiMax model already.*order"):
-        hub.from_preset(preset, BASE_TASKS[name], modulator={"order": 1})
+        hub.from_preset(preset, BASE_TASKS[name], modulator=Modulator(order=1))
     # A SoftMax preset loads straight into a MultiMax model.
     plain = str(tmp_path / "softmax")
     model.save_to_preset(plain)
     converted = hub.from_preset(
-        plain, BASE_TASKS[name], modulator={"order": 1}, per_head=True
+        plain, BASE_TASKS[name], modulator=Modulator(order=1), per_head=True
     )
     assert type(converted) is type(new)
-    assert converted.backbone.multimax["order"] == 1
+    assert converted.backbone.modulator.order == 1 and converted.backbone.per_head
     reference = H.outputs(model, x)
     assert H.rel_diff(H.outputs(converted, x), reference) <= TS0_BOUND
 

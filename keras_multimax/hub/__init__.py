@@ -1,17 +1,28 @@
-"""MultiMax in KerasHub models: convert, generate, save and load presets.
+"""MultiMax in KerasHub models: twins of KerasHub's attention, models, presets.
 
-`keras_multimax.convert.to_multimax` takes KerasHub Backbone and Task models
-(``CausalLM``, ``TextClassifier``, ``ImageClassifier``, ``Seq2SeqLM``...) and
-returns an instance of a registered MultiMax subclass of the model's class
-(``MultiMaxGPT2CausalLM`` for a ``GPT2CausalLM``), with the same weights and
-preprocessor and MultiMax in every attention layer; `from_preset` loads any
-KerasHub preset straight into such a model. Generation (``generate()``,
-``call_with_cache``), ``.keras`` files, presets, LoRA and quantization keep
-working. See `keras_multimax.hub._layers` for the attention layers reached.
+How it works, in three explicit pieces:
 
-Needs the ``keras-hub`` extra (``pip install "keras-multimax[keras-hub]"``).
-`keras_multimax` imports this module itself when keras-hub is installed, so
-that saved MultiMax KerasHub models load after ``import keras_multimax``.
+1. **Attention twins.** For each KerasHub attention class it supports,
+   keras_multimax defines a subclass (``keras_multimax/hub/_twins.py``) that
+   overrides where the class normalises its scores (``_compute_attention``,
+   as KerasHub's own families do) so that its weights are MultiMax, and
+   registers it (`register_attention`). `enable_multimax` turns a built
+   layer into its twin in place, as ``enable_lora()`` upgrades a built layer.
+2. **Model classes.** Each supported Backbone and Task class has a MultiMax
+   subclass (``keras_multimax/hub/_families.py``, `register_model`,
+   registered with Keras as ``keras_multimax>MultiMax<Name>``): the backbone
+   builds the original architecture and calls `enable_multimax` on every
+   attention layer; its config adds ``modulator`` and ``per_head``.
+3. **Conversion and loading.** `keras_multimax.convert.to_multimax` builds
+   the MultiMax class from the original's config and copies its weights,
+   LoRA adapters and quantization; `from_preset` loads any KerasHub preset
+   that way. A saved MultiMax model (``.keras`` file or preset) names its
+   MultiMax class, which exists after ``import keras_multimax.hub``: that one
+   import, before ``keras.saving.load_model`` or KerasHub's ``from_preset``,
+   is all a fresh process needs.
+
+Needs the ``keras-hub`` extra (``pip install "keras-multimax[keras-hub]"``);
+``import keras_multimax`` does not import it.
 """
 
 import importlib.util
@@ -23,19 +34,32 @@ if importlib.util.find_spec("keras_hub") is None:
         'pip install "keras-multimax[keras-hub]".'
     )
 
-from keras_multimax.hub._layers import AttentionMultiMax  # noqa: E402
+from keras_multimax.hub import _families  # noqa: E402, F401  # registers the models
+from keras_multimax.hub import _twins  # noqa: E402, F401  # registers the twins
+from keras_multimax.hub._attention import AttentionMultiMax  # noqa: E402
+from keras_multimax.hub._attention import MultiHeadAttentionTwin  # noqa: E402
+from keras_multimax.hub._attention import MultiMaxTwin  # noqa: E402
+from keras_multimax.hub._attention import SoftmaxSublayerTwin  # noqa: E402
+from keras_multimax.hub._attention import attention_twin  # noqa: E402
+from keras_multimax.hub._attention import enable_multimax  # noqa: E402
+from keras_multimax.hub._attention import register_attention  # noqa: E402
 from keras_multimax.hub._models import MultiMaxBackbone  # noqa: E402
 from keras_multimax.hub._models import is_multimax  # noqa: E402
 from keras_multimax.hub._models import multimax_class  # noqa: E402
-from keras_multimax.hub._models import register_keras_hub_classes  # noqa: E402
+from keras_multimax.hub._models import register_model  # noqa: E402
 from keras_multimax.hub._preset import from_preset  # noqa: E402
-
-register_keras_hub_classes()
 
 __all__ = [
     "AttentionMultiMax",
+    "MultiHeadAttentionTwin",
     "MultiMaxBackbone",
+    "MultiMaxTwin",
+    "SoftmaxSublayerTwin",
+    "attention_twin",
+    "enable_multimax",
     "from_preset",
     "is_multimax",
     "multimax_class",
+    "register_attention",
+    "register_model",
 ]

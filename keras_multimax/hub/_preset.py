@@ -6,7 +6,9 @@ from typing import Any
 
 import keras_hub
 
+from keras_multimax.hub._convert import convert_model
 from keras_multimax.hub._models import is_multimax
+from keras_multimax.layers.multimax_attention import validate_per_head
 from keras_multimax.modulator import MODULATOR_ARGUMENTS
 from keras_multimax.modulator import pop_legacy_arguments
 
@@ -24,8 +26,8 @@ def from_preset(
 
     ``model_class.from_preset(preset, ...)`` (KerasHub's own loader, so any
     preset it reads: a local directory, or a handle KerasHub can download),
-    then `keras_multimax.convert.to_multimax` with the MultiMax options
-    among ``kwargs``. A preset saved from a MultiMax model (``save_to_preset``)
+    then `keras_multimax.convert.to_multimax` with ``modulator`` and
+    ``per_head``. A preset saved from a MultiMax model (``save_to_preset``)
     comes back as it was saved; giving MultiMax options for it raises a
     ``ValueError``, since they would be ignored.
 
@@ -47,7 +49,7 @@ def from_preset(
     >>> backbone.save_to_preset(preset)
     >>> from keras_multimax import Modulator
     >>> model = from_preset(preset, modulator=Modulator(order=1))
-    >>> type(model).__name__, model.multimax["order"]
+    >>> type(model).__name__, model.modulator.order
     ('MultiMaxGPT2Backbone', 1)
 
     Args:
@@ -69,8 +71,6 @@ def from_preset(
         Zhou, Fritz & Keuper, "MultiMax: Sparse and Multi-Modal Attention
         Learning", ICML 2024.
     """
-    from keras_multimax.convert import to_multimax
-
     if model_class is None:
         model_class = keras_hub.models.Backbone
     if not isinstance(model_class, type) or not issubclass(
@@ -80,27 +80,23 @@ def from_preset(
             "`model_class` must be a KerasHub Backbone or Task class. "
             f"Received: model_class={model_class!r}"
         )
-    modulator_given = modulator is not None or any(
-        k in kwargs for k in MODULATOR_ARGUMENTS
-    )
+    given = {
+        name: value
+        for name, value in {"modulator": modulator, "per_head": per_head}.items()
+        if value is not None
+    }
+    given.update({k: kwargs[k] for k in MODULATOR_ARGUMENTS if k in kwargs})
     modulator = pop_legacy_arguments(kwargs, modulator, "from_preset")
-    options = {"modulator": modulator} if modulator_given else {}
-    if per_head is not None:
-        options["per_head"] = per_head
-    given = bool(options)
+    per_head = False if per_head is None else validate_per_head(per_head)
     model = model_class.from_preset(preset, load_weights=load_weights, **kwargs)
     if is_multimax(model):
         if given:
+            backbone = getattr(model, "backbone", None) or model
             raise ValueError(
                 f"Preset {preset!r} holds a MultiMax model already "
-                f"({type(model).__name__}, options {model_multimax(model)}); "
-                "the MultiMax options given would be ignored. Received: "
-                f"{options!r}"
+                f"({type(model).__name__}, modulator {backbone.modulator.get_config()}, "
+                f"per_head={backbone.per_head}); the MultiMax options given "
+                f"would be ignored. Received: {given!r}"
             )
         return model
-    return to_multimax(model, **options)
-
-
-def model_multimax(model) -> dict[str, Any]:
-    backbone = getattr(model, "backbone", None) or model
-    return backbone.multimax
+    return convert_model(model, modulator, per_head)

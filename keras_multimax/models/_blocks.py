@@ -6,8 +6,9 @@ from typing import Any
 
 import keras
 
-from keras_multimax.layers import MultiMaxAttention
 from keras_multimax.layers import SegLU
+from keras_multimax.models._cached_attention import CachedMultiHeadAttention
+from keras_multimax.models._cached_attention import CachedMultiMaxAttention
 from keras_multimax.modulator import Modulator
 
 ATTENTIONS = ("multimax", "softmax")
@@ -66,7 +67,8 @@ def make_attention(
     per_head: bool,
     name: str,
 ) -> keras.layers.MultiHeadAttention:
-    """`MultiMaxAttention` or `keras.layers.MultiHeadAttention`, same shapes."""
+    """`MultiMaxAttention` or `keras.layers.MultiHeadAttention`, same shapes,
+    with the key/value cache of `_cached_attention.CachedAttention`."""
     common = {
         "num_heads": num_heads,
         "key_dim": hidden_dim // num_heads,
@@ -74,8 +76,8 @@ def make_attention(
         "name": name,
     }
     if kind == "multimax":
-        return MultiMaxAttention(**common, modulator=modulator, per_head=per_head)
-    return keras.layers.MultiHeadAttention(**common)
+        return CachedMultiMaxAttention(**common, modulator=modulator, per_head=per_head)
+    return CachedMultiHeadAttention(**common)
 
 
 def make_head(
@@ -276,7 +278,7 @@ class TransformerBlock(keras.layers.Layer):
 
     def cross_attention_cache(self, context):
         """The cross-attention keys and values of ``context``, ``[B, 2, S, H, D]``."""
-        return project_key_value(self.cross_attention, context)
+        return self.cross_attention.key_value_cache(context)
 
     def call_with_cache(
         self,
@@ -305,70 +307,28 @@ class TransformerBlock(keras.layers.Layer):
             ``(outputs, updated cache)``.
         """
         h = self.norm1(x)
-        h, cache = attention_with_cache(
-            self.attention, h, cache, cache_update_index, attention_mask
+        h, cache = self.attention(
+            h,
+            h,
+            attention_mask=attention_mask,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            training=False,
         )
         x = x + h
         if self.cross:
-            h, _ = attention_with_cache(
-                self.cross_attention,
-                self.norm_cross(x),
-                cross_attention_cache,
-                None,
-                cross_attention_mask,
+            h = self.norm_cross(x)
+            # A cache with no update index: the cached context is read only.
+            h, _ = self.cross_attention(
+                h,
+                h,
+                attention_mask=cross_attention_mask,
+                cache=cross_attention_cache,
+                training=False,
             )
             x = x + h
         x = x + self.mlp(self.norm2(x), training=False)
         return x, cache
-
-
-def project_key_value(layer: keras.layers.MultiHeadAttention, value):
-    """``[B, 2, S, H, D]``: the key and value projections of ``value``."""
-    return keras.ops.stack([layer._key_dense(value), layer._value_dense(value)], axis=1)
-
-
-def attention_with_cache(
-    layer: keras.layers.MultiHeadAttention,
-    query,
-    cache,
-    cache_update_index,
-    attention_mask,
-):
-    """Self- or cross-attention of ``layer`` with a key/value cache, at inference.
-
-    The cached path of KerasHub's ``CachedMultiHeadAttention``, for a built
-    `keras.layers.MultiHeadAttention` or
-    `keras_multimax.layers.MultiMaxAttention` (no gating, one attention
-    axis): the layer's own projections and its ``_compute_attention``, so
-    MultiMax attention normalises the scores with MultiMax (masked keys
-    removed after the modulation) exactly as in the uncached call.
-
-    With an int ``cache_update_index`` the keys and values of ``query``
-    (self-attention) are written into ``cache`` at that position first; with
-    ``None`` the cache is read only (cross-attention, see
-    `project_key_value`).
-
-    Args:
-        layer: The attention layer.
-        query: ``(B, T, dim)`` inputs at the new positions.
-        cache: ``[B, 2, S, H, D]`` keys (index 0) and values (index 1).
-        cache_update_index: Position of ``query``'s first token, or None.
-        attention_mask: Boolean mask broadcastable to ``(B, T, S)``.
-
-    Returns:
-        ``(attention_output, cache)`` with the updated cache.
-    """
-    projected_query = layer._query_dense(query)
-    key, value = cache[:, 0], cache[:, 1]
-    if cache_update_index is not None:
-        start = [0, cache_update_index, 0, 0]
-        key = keras.ops.slice_update(key, start, layer._key_dense(query))
-        value = keras.ops.slice_update(value, start, layer._value_dense(query))
-        cache = keras.ops.stack([key, value], axis=1)
-    output, _ = layer._compute_attention(
-        projected_query, key, value, attention_mask, training=False
-    )
-    return layer._output_dense(output), cache
 
 
 def causal_cache_mask(cache_update_index, query_length, cache_length):
@@ -404,8 +364,8 @@ def blocks_with_cache(
 def empty_cache(batch_size, blocks, length, dtype):
     """Zeros ``[B, len(blocks), 2, length, H, D]`` for the blocks' self-attention."""
     attention = blocks[0].attention
-    shape = [batch_size, len(blocks), 2, length, attention._num_heads]
-    return keras.ops.zeros(shape + [attention._key_dim], dtype=dtype)
+    shape = [batch_size, len(blocks), 2, length, attention.num_heads]
+    return keras.ops.zeros(shape + [attention.key_dim], dtype=dtype)
 
 
 def compile_for_backend(model: keras.Model, fn):
