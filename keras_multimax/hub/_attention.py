@@ -29,6 +29,7 @@ import keras
 
 from keras_multimax import ops as mm_ops
 from keras_multimax.layers.multimax import MultiMax
+from keras_multimax.layers.multimax_attention import use_blockwise_attention
 from keras_multimax.layers.multimax_attention import validate_per_head
 from keras_multimax.models._blocks import validate_positive
 from keras_multimax.modulator import Modulator
@@ -206,6 +207,36 @@ class SoftmaxSublayerTwin(MultiMaxTwin):
     def multimax(self) -> AttentionMultiMax:
         """The `AttentionMultiMax` that normalises this layer's scores."""
         return getattr(self, self.softmax_attribute)
+
+    def _use_blockwise(self, scores_shape: tuple, dropout: float = 0.0) -> bool:
+        """Whether a call computes its attention block by block.
+
+        KerasHub's layers take no ``flash_attention`` argument: they follow
+        Keras' global switch, and so do their twins. With
+        `keras.config.disable_flash_attention()` the scores are materialised;
+        with the switch on (Keras' default) `use_blockwise_attention` chooses
+        by the size of the scores, as for the MultiMax layers.
+        """
+        return use_blockwise_attention(
+            keras.config.is_flash_attention_enabled(), scores_shape, dropout
+        )
+
+    def _blockwise_attention(self, query, key, value, attention_mask, scale):
+        """`ops.multimax_dot_product_attention` of ``(B, T, H, D)`` queries and
+        ``(B, S, H_kv, D)`` keys and values, with a ``(B, T, S)`` mask, with this
+        layer's modulator; returned in the compute dtype."""
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, None, :, :]
+        output = mm_ops.multimax_dot_product_attention(
+            query,
+            key,
+            value,
+            mask=attention_mask,
+            scale=scale,
+            ranges=self.multimax.ranges,
+            ts=self.multimax.ts,
+        )
+        return keras.ops.cast(output, self.compute_dtype)
 
     def _build_multimax(self, modulator, per_head):
         name = self.softmax_attribute

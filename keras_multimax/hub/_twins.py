@@ -97,7 +97,9 @@ class _RotaryAttentionTwin(SoftmaxSublayerTwin):
 
     Scores ``(B, heads, T, S)`` from queries and (repeated) keys
     ``(B, T|S, heads, head_dim)``, scaled by ``_inv_norm_factor``; mask
-    ``(B, T, S)``.
+    ``(B, T, S)``. Block by block (`ops.multimax_dot_product_attention`)
+    where Keras' flash switch and the size of the scores say so
+    (`SoftmaxSublayerTwin._use_blockwise`), materialised otherwise.
     """
 
     def _windowed_mask(self, attention_mask, cache_update_index):
@@ -106,11 +108,16 @@ class _RotaryAttentionTwin(SoftmaxSublayerTwin):
     def _compute_attention(
         self, query, key, value, attention_mask=None, cache_update_index=None
     ):
+        attention_mask = self._windowed_mask(attention_mask, cache_update_index)
+        batch, queries, heads, _ = query.shape
+        if self._use_blockwise((batch, heads, queries, key.shape[1])):
+            return self._blockwise_attention(
+                query, key, value, attention_mask, self._inv_norm_factor
+            )
         scores = ops.einsum("bquh,bkuh->buqk", query, key)
         scores = ops.multiply(
             scores, ops.cast(self._inv_norm_factor, self.compute_dtype)
         )
-        attention_mask = self._windowed_mask(attention_mask, cache_update_index)
         if attention_mask is not None:
             attention_mask = attention_mask[:, None, :, :]
         weights = ops.cast(self.multimax(scores, attention_mask), self.compute_dtype)
@@ -165,6 +172,8 @@ class _GemmaTwin(SoftmaxSublayerTwin):
 
     Grouped scores ``(B, kv_heads, groups, T, S)``, optionally soft-capped;
     per-head modulators lie over ``kv_heads × groups`` (the query heads).
+    Without a soft cap, block by block where Keras' flash switch and the size
+    of the scores say so, reading each key/value head once for its group.
     """
 
     softmax_attribute = "softmax"
@@ -181,6 +190,13 @@ class _GemmaTwin(SoftmaxSublayerTwin):
                 attention_mask, cache_update_index=cache_update_index
             )
         q *= ops.cast(query_normalization, dtype=q.dtype)
+        scores_shape = (q.shape[0], self.num_query_heads, q.shape[1], k.shape[1])
+        # The soft cap (Gemma 2) is applied between the scores and MultiMax:
+        # the blockwise op has no place for it.
+        if self.logit_soft_cap is None and self._use_blockwise(
+            scores_shape, self.dropout if training else 0.0
+        ):
+            return self._blockwise_attention(q, k, v, attention_mask, 1.0)
         q_shape = ops.shape(q)
         groups = self.num_query_heads // self.num_key_value_heads
         q = ops.reshape(

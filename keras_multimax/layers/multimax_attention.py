@@ -55,8 +55,10 @@ def use_blockwise_attention(
       raise a ``ValueError`` (the blockwise op takes one).
     - ``False``: the materialised computation, scores then
       `keras_multimax.ops.multimax`.
-    - ``None``: blockwise where it can run (no dropout, no returned scores,
-      one attention axis, static lengths) and the scores would have at least
+    - ``None``: blockwise where it can run (no dropout in this call, no
+      returned scores, one attention axis, static lengths; the layers pass
+      their dropout rate when training, 0 otherwise) and the scores would
+      have at least
       `BLOCKWISE_MIN_SCORES` entries; materialised otherwise. Both compute
       the same function; below that size the materialised one is faster on
       the CPU, above it the blockwise one uses far less memory (both
@@ -415,7 +417,7 @@ class MultiMaxAttention(AttentionModulator, keras.layers.MultiHeadAttention):
         if use_blockwise_attention(
             self._flash_attention,
             scores_shape,
-            self._dropout,
+            self._dropout if training else 0.0,
             return_attention_scores,
             len(self._attention_axes),
         ):

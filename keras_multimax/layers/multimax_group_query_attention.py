@@ -207,7 +207,10 @@ class MultiMaxGroupQueryAttention(AttentionModulator, keras.layers.GroupQueryAtt
             key.shape[1],
         )
         if use_blockwise_attention(
-            self._flash_attention, scores_shape, self.dropout, return_scores
+            self._flash_attention,
+            scores_shape,
+            self.dropout if training else 0.0,
+            return_scores,
         ):
             # Keras' `call` repeats each key/value head for its group of query
             # heads; every `num_repeats`-th head is the unrepeated one, which
