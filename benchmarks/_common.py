@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -57,7 +58,18 @@ def environment() -> dict:
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        **_version("jax"),
+        **_version("keras_hub"),
     }
+
+
+def _version(package: str) -> dict:
+    """``{package: version}`` if it is installed, else nothing."""
+    try:
+        return {package: importlib.metadata.version(package.replace("_", "-"))}
+    except importlib.metadata.PackageNotFoundError:
+        return {}
 
 
 def plain_multimax(x, ranges, ts, axis=-1):

@@ -314,7 +314,13 @@ def _targets(records) -> list[str]:
             if 32768 in mine and _mib(mine[32768], "flash"):
                 gib = _mib(mine[32768], "flash") / 1024
                 lines.append(f"{label} 32k memory {gib:.2f} GiB (target ≤ 2)")
-            if 16384 in mine and at8k and _mib(at8k, "flash"):
+            # A worker that failed (killed, out of memory) has no figure.
+            if (
+                16384 in mine
+                and at8k
+                and _mib(at8k, "flash")
+                and _mib(mine[16384], "flash")
+            ):
                 growth = _mib(mine[16384], "flash") / _mib(at8k, "flash")
                 lines.append(f"{label} 16k/8k memory {growth:.2f}× (target ≤ 2.2)")
     return lines
