@@ -29,8 +29,6 @@ from tolerances import assert_defect_caught
 
 from keras_multimax import ops
 
-pytestmark = pytest.mark.backends
-
 ORDER2 = ([-1.0, 1.0, -2.0, 2.0], [0.3, 0.4, 0.1, -0.05])
 NAMES = ("query", "key", "value", "bias", "ranges", "ts")
 

@@ -11,6 +11,7 @@ from backend_helpers import to_numpy
 from keras_multimax import Modulator
 from keras_multimax import layers
 from keras_multimax import models
+from keras_multimax.models._cached_attention import CachedMultiHeadAttention
 
 TINY = {"hidden_dim": 8, "num_heads": 2, "mlp_dim": 8}
 RNG = np.random.default_rng(0)
@@ -112,7 +113,8 @@ def test_attention_and_head_choice_picks_the_layers(case):
     assert any(isinstance(lay, layers.MultiMaxAttention) for lay in _all(multimax))
     assert isinstance(multimax.head_layers[-1], layers.SegLU)
     assert not any(isinstance(lay, layers.MultiMaxAttention) for lay in _all(softmax))
-    assert any(type(lay) is keras.layers.MultiHeadAttention for lay in _all(softmax))
+    # MultiHeadAttention with the builders' key/value cache.
+    assert any(type(lay) is CachedMultiHeadAttention for lay in _all(softmax))
     assert _modulator_paths(softmax) == []
     # Only the head carries a modulator.
     assert _modulator_paths(mixed) == ["head_seglu/ranges", "head_seglu/ts"]

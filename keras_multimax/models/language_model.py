@@ -556,6 +556,6 @@ def transformer_lm(vocab_size: int, sequence_length: int, **kwargs) -> Transform
     >>> model = transformer_lm(20, 8, num_layers=1, hidden_dim=8, num_heads=2,
     ...                        mlp_dim=8)
     >>> type(model.blocks[0].attention).__name__
-    'MultiMaxAttention'
+    'CachedMultiMaxAttention'
     """
     return TransformerLM(vocab_size, sequence_length, **kwargs)

@@ -219,6 +219,6 @@ def vit_classifier(
     >>> model = vit_classifier((8, 8, 1), 10, attention="softmax", head="softmax",
     ...                        num_layers=1, hidden_dim=8, num_heads=2, mlp_dim=8)
     >>> type(model.blocks[0].attention).__name__
-    'MultiHeadAttention'
+    'CachedMultiHeadAttention'
     """
     return ViTClassifier(image_shape, num_classes, **kwargs)
