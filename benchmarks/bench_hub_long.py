@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument(
         "--backend", default=os.environ.get("KERAS_BACKEND", "tensorflow")
     )
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--output", default=None)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,7 +118,7 @@ def main() -> None:
     import _common
 
     results = {}
-    for variant in VARIANTS:
+    for variant in args.variants:
         if variant == "materialised":
             need = _materialised_bytes(args.length)
             if need > 0.8 * _available_bytes():
@@ -139,7 +140,11 @@ def main() -> None:
         ]
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            results[variant] = {"failed": done.stderr[-2000:]}
+            # A negative code is the signal that killed it (9: out of memory?).
+            results[variant] = {
+                "failed": done.stderr[-2000:],
+                "returncode": done.returncode,
+            }
             continue
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     rows = []
@@ -154,7 +159,8 @@ def main() -> None:
                 ]
             )
         else:
-            rows.append([variant, r.get("not_run", "failed"), "", ""])
+            failure = f"failed (exit {r.get('returncode')})"
+            rows.append([variant, r.get("not_run", failure), "", ""])
     print(
         _common.markdown_table(
             ["variant", "step peak above start (MiB)", "step (s)", "loss"], rows
@@ -167,7 +173,7 @@ def main() -> None:
         "config": CONFIG,
         "results": results,
     }
-    _common.write_json(f"hub_long_{args.backend}", payload, args.output)
+    _common.write_json(f"hub_long_{args.backend}.json", payload, args.output)
 
 
 if __name__ == "__main__":
