@@ -12,9 +12,16 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+@pytest.mark.only_backend(
+    "tensorflow",
+    reason="bench_ops.py times TensorFlow's eager, tf.function and XLA modes "
+    "(bench_jax.py is the JAX benchmark)",
+)
 def test_bench_ops_writes_every_variant(tmp_path):
     output = tmp_path / "ops.json"
     subprocess.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
@@ -102,12 +103,11 @@ def use_blockwise_attention(
         return False
     if dropout > 0 or return_attention_scores or attention_axes != 1:
         return False
-    if any(d is None for d in scores_shape):
+    # None (TensorFlow) or a symbolic dimension (JAX's shape-polymorphic
+    # export): the size is not known while tracing.
+    if not all(isinstance(d, int) for d in scores_shape):
         return False
-    size = 1
-    for d in scores_shape:
-        size *= int(d)
-    return size >= BLOCKWISE_MIN_SCORES
+    return math.prod(scores_shape) >= BLOCKWISE_MIN_SCORES
 
 
 def expand_mask(mask, scores_rank: int, num_attention_axes: int):
