@@ -39,7 +39,7 @@ EXTRAS = {
 EXTRAS["test"] = sorted(
     {
         "pytest>=7",
-        "pytest-xdist>=3",
+        "pytest-xdist>=3.2",  # --dist worksteal
         "ruff>=0.6",
         # KerasHub's own TestCase (tests/test_hub_contract.py) imports grain.
         "grain>=0.2",

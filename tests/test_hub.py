@@ -175,6 +175,13 @@ _RELOAD = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.only_backend(
+    "tensorflow",
+    reason="what a fresh process needs to deserialize every family does not "
+    "depend on the backend; on JAX, test_imports.py loads a saved model in a "
+    "fresh process and test_preset_round_trip_through_keras_hub_loaders "
+    "round-trips models in this one",
+)
 def test_keras_files_reload_in_a_fresh_process(tmp_path):
     expected, paths = {}, {}
     for name in FAMILIES:

@@ -90,6 +90,12 @@ def _save_tiny_gpt2_preset(path, max_sequence_length):
 # The end-to-end run: a preset loaded, two models trained, saved, reloaded
 # (about 40 s on TensorFlow, 70 s on JAX).
 @pytest.mark.slow
+@pytest.mark.only_backend(
+    "tensorflow",
+    reason="a smoke run of the example script, once; what it calls (preset "
+    "loading, conversion, training, generate, preset round trip) is tested on "
+    "JAX in test_hub.py and test_hub_options.py",
+)
 def test_keras_hub_finetune_runs_a_local_preset(tmp_path):
     preset = tmp_path / "tiny_gpt2"
     # 12 positions, fewer than the 16 tokens of --smoke: the example must

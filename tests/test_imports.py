@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import keras
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,12 +42,18 @@ print(json.dumps({m: m in sys.modules for m in ("tensorflow", "keras_hub")}))
 
 
 @pytest.mark.slow
+@pytest.mark.only_backend("jax", reason="what a JAX process loads")
 def test_jax_import_loads_neither_tensorflow_nor_keras_hub():
     """Also the modules that only need TensorFlow for some formats or strategies."""
     assert _fresh(LOADED, "jax") == {"tensorflow": False, "keras_hub": False}
 
 
 @pytest.mark.slow
+@pytest.mark.only_backend(
+    "tensorflow",
+    reason="on JAX, test_jax_import_loads_neither_tensorflow_nor_keras_hub "
+    "checks that keras_hub is not loaded either",
+)
 def test_keras_hub_loads_only_when_used():
     assert _fresh(LOADED, "tensorflow")["keras_hub"] is False
 
@@ -65,9 +72,8 @@ print(json.dumps({{"class": type(model).__name__,
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
-def test_a_saved_keras_hub_model_loads_after_one_documented_import(backend):
+@pytest.mark.slow  # on the backend of this run: CI runs the suite on both
+def test_a_saved_keras_hub_model_loads_after_one_documented_import():
     pytest.importorskip("keras_hub")
     data = ROOT / "tests" / "data" / "v0_2_0"
     out = _fresh(
@@ -75,7 +81,7 @@ def test_a_saved_keras_hub_model_loads_after_one_documented_import(backend):
             path=str(data / "hub_gpt2_backbone.keras"),
             data=str(data / "hub_gpt2_backbone.npz"),
         ),
-        backend,
+        keras.backend.backend(),
     )
     assert out["class"] == "MultiMaxGPT2Backbone"
     # The same float32 model as when the file was written (TensorFlow), maybe
