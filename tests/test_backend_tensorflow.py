@@ -91,3 +91,28 @@ def test_gradient_shape_with_unknown_dims_and_broadcasting_parameters(fn):
     summed = tf.reduce_sum(tape.gradient(loss, x_up), axis=1, keepdims=True)
     # A sum of 5 float32 products in another order: 16 eps of the result.
     np.testing.assert_allclose(graph.numpy(), summed.numpy(), rtol=16 * EPS32)
+
+
+@pytest.mark.parametrize(
+    "threshold", [None, 0], ids=["separate_sums", "stacked_products"]
+)
+@pytest.mark.parametrize("mode", ["eager", "traced"])
+def test_shared_parameter_gradients_by_either_reduction(threshold, mode, monkeypatch):
+    """Parameters shared by every entry are summed factor by factor up to
+    ``_SEPARATE_SUMS_MAX_ENTRIES`` entries, with the stacked products beyond:
+    both equal autodiff of the plain formula (threshold 0 forces the second
+    at a size the first would take)."""
+    import tensorflow as tf
+    from backend_helpers import float64
+    from plain_formula import compare_with_plain_formula
+
+    from keras_multimax.backend.tensorflow import multimax as tf_multimax
+
+    if threshold is not None:
+        monkeypatch.setattr(tf_multimax, "_SEPARATE_SUMS_MAX_ENTRIES", threshold)
+    separate = tf_multimax._separate_sums_apply(tf.TensorShape([2, 3, 8, 16]), [])
+    assert separate == (threshold is None)
+    rng = np.random.default_rng(5)
+    mask = rng.random((2, 3, 8, 16)) > 0.3
+    with float64():
+        compare_with_plain_formula(rng, (2, 3, 8, 16), (4,), -1, mask, mode)
