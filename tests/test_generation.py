@@ -298,12 +298,12 @@ def test_translator_cached_greedy_decode_equals_an_uncached_loop(config):
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_python(args, **env):
+def run_python(args):
     """Runs ``python *args`` from the repository root, this checkout first."""
     result = subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=300,
