@@ -25,6 +25,26 @@ def _default_fused_forward():
     config.disable_fused_forward()
 
 
+@pytest.fixture
+def blockwise_spy(monkeypatch):
+    """Records the ``is_causal`` of every call of the blockwise attention op.
+
+    The layers and converted models reach the op through
+    `keras_multimax.ops`, so replacing it there sees every call.
+    """
+    from keras_multimax import ops
+
+    calls = []
+    blockwise = ops.multimax_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("is_causal"))
+        return blockwise(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "multimax_dot_product_attention", counted)
+    return calls
+
+
 def pytest_collection_modifyitems(config, items):
     """Skips tests marked ``only_backend("tensorflow", reason=...)`` on other backends."""
     backend = keras.backend.backend()

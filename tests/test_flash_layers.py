@@ -18,7 +18,6 @@ from tolerances import assert_close
 from tolerances import assert_defect_caught
 
 from keras_multimax import layers
-from keras_multimax import ops
 from keras_multimax.layers import multimax_attention
 
 RNG = np.random.default_rng(5)
@@ -52,20 +51,6 @@ DEPTH = 64
 SUM_DEPTH = DEPTH * np.sqrt(2 * 4 * 7 * 9)
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts the calls of the blockwise op, which the layers reach through `ops`."""
-    calls = []
-    blockwise = ops.multimax_dot_product_attention
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("is_causal"))
-        return blockwise(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "multimax_dot_product_attention", counted)
-    return calls
-
-
 def _layer(kind, **kwargs):
     ours, _, args = KINDS[kind]
     layer = ours(**args, **kwargs)
@@ -97,7 +82,9 @@ def _pair(kind, per_head):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("masking", ["mask", "causal"])
-def test_blockwise_layer_equals_the_materialised_one(spy, kind, per_head, masking):
+def test_blockwise_layer_equals_the_materialised_one(
+    blockwise_spy, kind, per_head, masking
+):
     flash, plain = _pair(kind, per_head)
     kwargs = (
         {"attention_mask": MASK} if masking == "mask" else {"use_causal_mask": True}
@@ -108,11 +95,13 @@ def test_blockwise_layer_equals_the_materialised_one(spy, kind, per_head, maskin
             lambda: layer(X, Y, **kwargs), layer.trainable_weights, mode="eager"
         )
 
-    calls = len(spy)
+    calls = len(blockwise_spy)
     expected, expected_grads = run(plain)
-    assert len(spy) == calls, "flash_attention=False ran the blockwise op"
+    assert len(blockwise_spy) == calls, "flash_attention=False ran the blockwise op"
     actual, grads = run(flash)
-    assert len(spy) > calls, "flash_attention=True did not run the blockwise op"
+    assert len(blockwise_spy) > calls, (
+        "flash_attention=True did not run the blockwise op"
+    )
     assert_close(actual, expected, "float32", DEPTH, what="output")
     for w, g, e in zip(flash.trainable_weights, grads, expected_grads):
         assert_close(g, e, "float32", SUM_DEPTH, what=f"gradient of {w.path}")
@@ -150,18 +139,18 @@ def test_the_switch_is_computed_as_keras_computes_it(kind, flag, enabled):
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_none_chooses_by_the_size_of_the_scores(spy, kind, monkeypatch):
+def test_none_chooses_by_the_size_of_the_scores(blockwise_spy, kind, monkeypatch):
     layer = _layer(kind)  # flash_attention=None, Keras' default
     assert layer._flash_attention is None
     layer(X, Y)
-    assert not spy, "7 x 9 scores took the blockwise path"
+    assert not blockwise_spy, "7 x 9 scores took the blockwise path"
     # B * H * T * S = 2 * 4 * 7 * 9 = 504 score entries.
     monkeypatch.setattr(multimax_attention, "BLOCKWISE_MIN_SCORES", 504)
     layer(X, Y)
-    assert len(spy) == 1
+    assert len(blockwise_spy) == 1
     # Dropout and returned scores need the probabilities: materialised.
     layer(X, Y, return_attention_scores=True)
-    assert len(spy) == 1
+    assert len(blockwise_spy) == 1
 
 
 def _error(fn):

@@ -15,7 +15,6 @@ import keras
 import numpy as np
 import pytest
 
-from keras_multimax import ops
 from keras_multimax.convert import to_multimax
 from keras_multimax.layers import multimax_attention
 
@@ -26,17 +25,11 @@ NAMES = ("gpt2", "llama", "gemma")
 
 
 @pytest.fixture
-def blockwise_calls(monkeypatch):
-    calls = []
-    blockwise = ops.multimax_dot_product_attention
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return blockwise(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "multimax_dot_product_attention", counted)
+def blockwise_calls(blockwise_spy, monkeypatch):
+    """The blockwise op's calls (conftest's `blockwise_spy`), with the
+    blockwise path taken from the smallest scores up."""
     monkeypatch.setattr(multimax_attention, "BLOCKWISE_MIN_SCORES", 1)
-    return calls
+    return blockwise_spy
 
 
 def _materialised(fn):

@@ -198,6 +198,11 @@ def _halve(v: tf.Tensor, times: int) -> tf.Tensor:
     return v
 
 
+def _fold_flat(v: tf.Tensor, folds: int) -> tf.Tensor:
+    """``v`` flattened, cut in ``2**folds`` equal parts, and the parts added."""
+    return _halve(tf.reshape(v, [2**folds, -1]), folds)[0]
+
+
 # From order 2 on, factors go in pairs as the real and imaginary parts of one
 # complex number: XLA computes each stacked entry in its own loop (re-reading
 # x and gs), so this halves the loops. Measured at order 1 it is slower under
@@ -236,7 +241,7 @@ def _grad_parameters_kernel(x, gs, ranges, ts, plan):
     out = []
     for p in factors:
         if kind == "flat":
-            p = _halve(tf.reshape(p, [2**folds, -1]), folds)[0]
+            p = _fold_flat(p, folds)
         elif kind == "axis0":
             p = _halve(p, folds)
         out.append(p)
@@ -262,8 +267,7 @@ def _separate_sums_kernel(x, gs, ranges, ts):
     """Σ gs · factor over every entry, one folded reduction per factor: (4K,)."""
     sums = []
     for p in _products(x, gs, ranges, ts):
-        p = tf.reshape(p, [2**_SEPARATE_FOLDS, -1])
-        sums.append(tf.reduce_sum(_halve(p, _SEPARATE_FOLDS)[0]))
+        sums.append(tf.reduce_sum(_fold_flat(p, _SEPARATE_FOLDS)))
     return tf.stack(sums)
 
 
