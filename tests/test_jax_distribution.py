@@ -1,8 +1,8 @@
 """Keras' JAX distribution API with MultiMax models, on 2 host devices.
 
-Each configuration trains in its own JAX process
-(``XLA_FLAGS=--xla_force_host_platform_device_count=2``: the flag only acts
-before JAX starts).
+The three configurations train one after the other in one JAX process
+started with ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` (the flag
+only acts before JAX starts).
 """
 
 import os
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.only_backend(
 )
 
 
-def train(mode: str, tmp_path) -> dict:
-    out = tmp_path / f"{mode}.npz"
+def train_all(tmp_path) -> dict:
+    """``{mode: saved arrays}`` for one device, data and model parallel."""
     env = dict(
         os.environ,
         KERAS_BACKEND="jax",
@@ -33,14 +33,16 @@ def train(mode: str, tmp_path) -> dict:
         PYTHONPATH=str(ROOT),  # this checkout's keras_multimax
     )
     proc = subprocess.run(
-        [sys.executable, str(WORKER), mode, str(out)],
+        [sys.executable, str(WORKER), str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(np.load(out))
+    return {
+        m: dict(np.load(tmp_path / f"{m}.npz")) for m in ("single", "data", "model")
+    }
 
 
 def weights(run: dict) -> list:
@@ -57,13 +59,12 @@ def _assert_same_weights(run: dict, single: dict) -> None:
 
 @pytest.mark.slow
 def test_data_and_model_parallel_train_to_the_weights_of_one_device(tmp_path):
-    """One test, so that the single-device reference trains once under xdist."""
-    single = train("single", tmp_path)
-    data = train("data", tmp_path)
+    """One test and one process: the reference trains once, JAX starts once."""
+    runs = train_all(tmp_path)
+    single, data, model = runs["single"], runs["data"], runs["model"]
     assert not data["sharded"].size  # data parallelism replicates weights
     _assert_same_weights(data, single)
 
-    model = train("model", tmp_path)
     sharded = set(model["sharded"].tolist())
     for name in ("query", "key", "value", "attention_output"):
         assert any(f"/{name}/kernel" in path for path in sharded), sharded

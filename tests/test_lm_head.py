@@ -181,13 +181,13 @@ def test_bad_arguments(kwargs, error, message):
 @pytest.mark.slow
 @pytest.mark.only_backend("tensorflow", reason="the benchmark times tf.function steps")
 def test_bench_lm_head_quick(tmp_path):
+    """The head's run end to end: a memory subprocess per variant, and timing."""
     output = tmp_path / "lm_head.json"
     subprocess.run(
         [
             sys.executable,
             str(BENCHMARKS / "bench_lm_head.py"),
             "--quick",
-            "--lm",
             "--runs",
             "2",
             "--output",
@@ -197,15 +197,37 @@ def test_bench_lm_head_quick(tmp_path):
         capture_output=True,
         timeout=900,
     )
-    head, lm = json.loads(output.read_text())["results"]
+    (head,) = json.loads(output.read_text())["results"]
     assert head["shape"] == [512, 64, 4096]
-    assert lm["transformer_lm"] == [2, 64, 64, 4096]
-    for record in (head, lm):
-        assert set(record["step_peak_above_start_mib"]) == {"unfused", "fused"}
-        assert record["idle"]["max_rss_mib"] > 0
-        for variant in ("unfused", "fused"):
-            assert record["memory"][variant]["step_peak_above_start_mib"] > 0
-            assert record["timing"][variant]["wall_ms"] > 0
+    _assert_memory_and_timing(head)
+    # Fresh processes: each step allocates above what importing left.
+    assert all(m["step_peak_above_start_mib"] > 0 for m in head["memory"].values())
+    assert head["idle"]["max_rss_mib"] > 0
+
+
+@pytest.mark.only_backend("tensorflow", reason="the benchmark times tf.function steps")
+def test_bench_lm_head_transformer_lm_workers(monkeypatch):
+    """``--lm``'s workers, in this process: the subprocess plumbing they share
+    with the head's is the test above's."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_lm_head
+
+    config = [2, 16, 16, 256]  # batch, length, width, vocabulary
+    memory = {
+        v: bench_lm_head.lm_memory_worker(f"lm_{v}", config)
+        for v in ("unfused", "fused")
+    }
+    timing = bench_lm_head.lm_time_worker(config, runs=2)
+    _assert_memory_and_timing({"memory": memory, "timing": timing})
+
+
+def _assert_memory_and_timing(record):
+    assert set(record["memory"]) == set(record["timing"]) == {"unfused", "fused"}
+    for variant in ("unfused", "fused"):
+        assert record["memory"][variant]["step_peak_above_start_mib"] >= 0
+        assert record["memory"][variant]["max_rss_mib"] > 0
+        assert record["timing"][variant]["wall_ms"] > 0
+    assert record["timing"]["unfused"]["ratio"] == 1.0
 
 
 def _adamw(model):

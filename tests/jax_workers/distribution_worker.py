@@ -1,9 +1,13 @@
-"""Trains a small MultiMax ViT on JAX under a given distribution; saves weights.
+"""Trains a small MultiMax ViT on JAX under each distribution; saves weights.
 
-Usage: python distribution_worker.py {single,data,model} OUT.npz
-Run with KERAS_BACKEND=jax and XLA_FLAGS=--xla_force_host_platform_device_count=2.
+Usage: python distribution_worker.py OUT_DIR
+Writes OUT_DIR/{single,data,model}.npz: one device, data parallel, model
+parallel, in this order, in this one process (each run sets its own
+distribution, or none). Run with KERAS_BACKEND=jax and
+XLA_FLAGS=--xla_force_host_platform_device_count=2.
 """
 
+import os
 import sys
 
 import keras
@@ -13,7 +17,13 @@ from keras_multimax import distribute
 from keras_multimax import models
 
 
-def main(mode: str, out: str) -> None:
+def main(out_dir: str) -> None:
+    for mode in ("single", "data", "model"):
+        train(mode, os.path.join(out_dir, f"{mode}.npz"))
+
+
+def train(mode: str, out: str) -> None:
+    keras.distribution.set_distribution(None)
     if mode == "data":
         distribution = distribute.choose_distribution("cpu")
         assert len(distribution.device_mesh.devices.ravel()) == 2
@@ -62,4 +72,4 @@ def main(mode: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])
