@@ -17,7 +17,7 @@ Reported: medians over rounds and the median (and quartiles) of the
 per-round MultiMax/SoftMax ratios. The targets are ≤ 1.10 for both.
 
 ``--profile`` instead profiles one attention layer (the first block's) of
-the converted GPT-2 and Llama against KerasHub's, forward and backward under
+each converted model (``--families``) against KerasHub's, forward and backward under
 the backend's compiler, with the backend's profiler: the time of every
 compiled XLA operation, named by what it computes (from the optimized HLO).
 
@@ -25,7 +25,15 @@ Usage::
 
     python benchmarks/bench_hub.py                      # both backends, ~15 min on 2 cores
     python benchmarks/bench_hub.py --backend jax        # one backend, in this process
+    python benchmarks/bench_hub.py --backend tensorflow --processes 5
     python benchmarks/bench_hub.py --profile [--backend tensorflow]
+
+``--processes N`` runs the timing in N fresh processes per backend, one after
+the other, and reports the median over processes of each process's ratio
+(with the lowest and highest). On TensorFlow one compiled program does not
+run at the same speed in every process (the SoftMax step of the same model
+has taken 243 ms in one process and 337 ms in the next), while the rounds
+within a process agree: one process's ratio is a sample, not the figure.
 """
 
 from __future__ import annotations
@@ -62,15 +70,27 @@ def parse_args(argv=None):
         default="train step,decode / token",
         help="comma-separated: 'train step', 'decode / token'",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="fresh processes per backend (timing only); the ratios' median "
+        "over processes is reported",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1. Received: {args.processes}")
+    if args.processes > 1 and args.profile:
+        parser.error("--processes times the steps; --profile runs in one process")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.backend is None:
-        return run_both(args)
+    if args.backend is None or args.processes > 1:
+        return run_processes(args)
     os.environ["KERAS_BACKEND"] = args.backend
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -79,24 +99,91 @@ def main(argv=None):
     return run_timing(args)
 
 
-def run_both(args):
-    """Each backend in its own process (Keras fixes the backend at import)."""
+def run_processes(args):
+    """Each backend in fresh processes (Keras fixes the backend at import).
+
+    One process per backend writes its payload as is; with ``--processes N``
+    each backend's entry holds the N payloads and their summary
+    (`summarise`).
+    """
+    backends = (args.backend,) if args.backend else BACKENDS
     results = {}
-    for backend in BACKENDS:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = pathlib.Path(tmp) / "out.json"
-            command = [sys.executable, __file__, "--backend", backend]
-            command += ["--runs", str(args.runs), "--families", args.families]
-            command += ["--what", args.what]
-            command += ["--output", str(out)] + (["--profile"] if args.profile else [])
-            subprocess.run(command, check=True)
-            results[backend] = json.loads(out.read_text())
+    for backend in backends:
+        payloads = []
+        for _ in range(args.processes):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = pathlib.Path(tmp) / "out.json"
+                command = [sys.executable, __file__, "--backend", backend]
+                command += ["--runs", str(args.runs), "--families", args.families]
+                command += ["--what", args.what, "--output", str(out)]
+                command += ["--profile"] if args.profile else []
+                subprocess.run(command, check=True)
+                payloads.append(json.loads(out.read_text()))
+        if args.processes == 1:
+            results[backend] = payloads[0]
+        else:
+            results[backend] = {
+                "processes": payloads,
+                "summary": summarise(payloads),
+            }
     sys.path.insert(0, str(HERE))
     import _common
 
+    if args.processes > 1:
+        rows = [r for b in backends for r in results[b]["summary"]]
+        print("\n" + markdown_over_processes(rows))
     name = "hub_profile.json" if args.profile else "hub.json"
     path = _common.write_json(name, results, args.output)
     print(f"\nwrote {path}")
+
+
+def summarise(payloads: list[dict]) -> list[dict]:
+    """Per model and measure: each process's median ratio, and their median."""
+    import statistics
+
+    rows = []
+    for i, first in enumerate(payloads[0]["results"]):
+        same = [p["results"][i] for p in payloads]
+        ratios = [r["multimax"]["ratio"] for r in same]
+        rows.append(
+            {
+                "backend": first["backend"],
+                "family": first["family"],
+                "what": first["what"],
+                "ratio": statistics.median(ratios),
+                "ratios": ratios,
+                "softmax_ms": [r["softmax"]["wall_ms"] for r in same],
+                "multimax_ms": [r["multimax"]["wall_ms"] for r in same],
+            }
+        )
+    return rows
+
+
+def markdown_over_processes(rows) -> str:
+    import _common
+
+    table = []
+    for r in rows:
+        table.append(
+            [
+                r["backend"],
+                r["family"],
+                r["what"],
+                f"{min(r['softmax_ms']):.2f}–{max(r['softmax_ms']):.2f} ms",
+                f"{min(r['multimax_ms']):.2f}–{max(r['multimax_ms']):.2f} ms",
+                f"**{r['ratio']:.2f}×** ({min(r['ratios']):.2f}–"
+                f"{max(r['ratios']):.2f}), n = {len(r['ratios'])}",
+            ]
+        )
+    header = [
+        "backend",
+        "model",
+        "what",
+        "SoftMax",
+        "MultiMax",
+        "ratio: median over processes (lowest–highest)",
+    ]
+    return _common.markdown_table(header, table)
 
 
 # -- models ------------------------------------------------------------------
@@ -388,10 +475,13 @@ def run_profile(args):
     import numpy as np
 
     records = {}
-    for family in ("gpt2", "llama"):
+    for family in args.families.split(","):
         models = twins(family)
         for kind, model in models.items():
-            layer = model.backbone.transformer_layers[0]._self_attention_layer
+            block = model.backbone.transformer_layers[0]
+            # GPT-2's and Llama's blocks hold it as `_self_attention_layer`,
+            # Gemma's as `attention`.
+            layer = getattr(block, "_self_attention_layer", None) or block.attention
             call, x = attention_inputs(family, layer, np.random.default_rng(0))
             fn, fn_args = forward_backward(layer, call, x)
             ops = describe_hlo(optimized_hlo(fn, fn_args))

@@ -76,3 +76,26 @@ def test_interleaved_rotates_the_order_and_settles_each_round():
     assert len(calls) == 4 + 3 * 3 * 3
     low, high = res["b"]["ratio_quartiles"]
     assert low <= res["b"]["ratio"] <= high
+
+
+def test_bench_hub_reports_the_median_ratio_over_processes(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # bench_hub and its _common
+    import bench_hub
+
+    def payload(softmax_ms, multimax_ms):
+        row = {"backend": "tensorflow", "family": "gpt2", "what": "train step"}
+        row["softmax"] = {"wall_ms": softmax_ms, "ratio": 1.0}
+        row["multimax"] = {"wall_ms": multimax_ms, "ratio": multimax_ms / softmax_ms}
+        return {"results": [row]}
+
+    # Three processes: the MultiMax step steady, the SoftMax step not.
+    (row,) = bench_hub.summarise(
+        [payload(250.0, 325.0), payload(330.0, 330.0), payload(300.0, 330.0)]
+    )
+    assert row["ratios"] == [1.3, 1.0, 1.1]
+    assert row["ratio"] == 1.1  # the median process, not the mean (1.133)
+    assert row["softmax_ms"] == [250.0, 330.0, 300.0]
+    table = bench_hub.markdown_over_processes([row])
+    assert "| 250.00–330.00 ms | 325.00–330.00 ms | **1.10×** (1.00–1.30), n = 3 |" in (
+        table
+    )
