@@ -94,25 +94,24 @@ def test_gradient_shape_with_unknown_dims_and_broadcasting_parameters(fn):
 
 
 @pytest.mark.parametrize(
-    "threshold", [None, 0], ids=["separate_sums", "stacked_products"]
+    "shape, separate",
+    [((2, 3, 8, 16), True), ((2, 3, 5, 7), False)],
+    ids=["separate_sums", "stacked_products"],
 )
 @pytest.mark.parametrize("mode", ["eager", "traced"])
-def test_shared_parameter_gradients_by_either_reduction(threshold, mode, monkeypatch):
-    """Parameters shared by every entry are summed factor by factor up to
-    ``_SEPARATE_SUMS_MAX_ENTRIES`` entries, with the stacked products beyond:
-    both equal autodiff of the plain formula (threshold 0 forces the second
-    at a size the first would take)."""
+def test_shared_parameter_gradients_by_either_reduction(shape, separate, mode):
+    """Parameters shared by every entry are summed factor by factor over x cut
+    in ``2**_SEPARATE_FOLDS`` parts when the entries divide evenly, with the
+    stacked products otherwise (210 entries): both equal autodiff of the plain
+    formula."""
     import tensorflow as tf
     from backend_helpers import float64
     from plain_formula import compare_with_plain_formula
 
     from keras_multimax.backend.tensorflow import multimax as tf_multimax
 
-    if threshold is not None:
-        monkeypatch.setattr(tf_multimax, "_SEPARATE_SUMS_MAX_ENTRIES", threshold)
-    separate = tf_multimax._separate_sums_apply(tf.TensorShape([2, 3, 8, 16]), [])
-    assert separate == (threshold is None)
+    assert tf_multimax._separate_sums_apply(tf.TensorShape(shape), []) == separate
     rng = np.random.default_rng(5)
-    mask = rng.random((2, 3, 8, 16)) > 0.3
+    mask = rng.random(shape) > 0.3
     with float64():
-        compare_with_plain_formula(rng, (2, 3, 8, 16), (4,), -1, mask, mode)
+        compare_with_plain_formula(rng, shape, (4,), -1, mask, mode)

@@ -248,34 +248,39 @@ def _grad_parameters_kernel(x, gs, ranges, ts, plan):
     return tf.stack(out)
 
 
-# Parameters shared by every entry, and at most this many entries (8 MiB
-# of float32 per tensor): each factor is summed on its own, after adding
-# 2**_SEPARATE_FOLDS strided slices (the slices are added in a parallel loop;
-# the reduction of what remains is sequential on CPU). Beyond it, re-reading
-# x and gs once per factor from memory costs more than the stacked products
-# of `_grad_parameters_kernel`. Measured with XLA on a 32 MiB-L3 CPU: the
-# op's forward and backward at [16, 4, 128, 128] in 7-9 ms instead of 14-15
-# (2.1-2.2x SoftMax's instead of 4.3-4.5x); at the ViT's [16, 6, 197, 197]
-# (3.7M entries) the folded sums were 4.2x slower. Training steps of
-# converted KerasHub models: benchmarks/README.md.
-_SEPARATE_SUMS_MAX_ENTRIES = 2**21
+# Parameters shared by every entry: each factor is summed in a loop of its
+# own over x and gs cut in 2**_SEPARATE_FOLDS equal parts, which adds the
+# parts' products as it goes and writes a partial sum 2**-_SEPARATE_FOLDS
+# the size of x. XLA's CPU backend hands reductions to a library kernel
+# that reads a materialised input: a product computed first and folded
+# after is written out at full size, one buffer per factor, and a process
+# whose allocator hands freed blocks back to the system page-faults each of
+# them afresh at every call. Measured forward and backward under XLA, each
+# size in its own process: at [16, 4, 128, 128], 6-8 ms here against
+# 9-28 ms for full-size products (8257 minor page faults per call in the
+# slow processes, none here); at [16, 6, 197, 197], 21-25 ms against the
+# stacked products' 27-28 ms; at [2, 8, 1024, 1024], 182 ms against 332 ms.
 _SEPARATE_FOLDS = 4
 
 
 @_kernel
 def _separate_sums_kernel(x, gs, ranges, ts):
-    """Σ gs · factor over every entry, one folded reduction per factor: (4K,)."""
-    sums = []
-    for p in _products(x, gs, ranges, ts):
-        sums.append(tf.reduce_sum(_fold_flat(p, _SEPARATE_FOLDS)))
-    return tf.stack(sums)
+    """Σ gs · factor over every entry, one folded sum per factor: (4K,)."""
+    parts = 2**_SEPARATE_FOLDS
+    x_parts = tf.reshape(x, [parts, -1])
+    gs_parts = tf.reshape(gs, [parts, -1])
+    folded = _products(x_parts[0], gs_parts[0], ranges, ts)
+    for i in range(1, parts):
+        products = _products(x_parts[i], gs_parts[i], ranges, ts)
+        folded = [f + p for f, p in zip(folded, products)]
+    return tf.stack([tf.reduce_sum(f) for f in folded])
 
 
 def _separate_sums_apply(x_shape, shape) -> bool:
     entries = x_shape.num_elements()
     return (
         entries is not None
-        and 0 < entries <= _SEPARATE_SUMS_MAX_ENTRIES
+        and entries > 0
         and entries % 2**_SEPARATE_FOLDS == 0
         and all(d == 1 for d in shape)
     )
