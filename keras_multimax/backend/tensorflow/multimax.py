@@ -248,7 +248,8 @@ def _grad_parameters_kernel(x, gs, ranges, ts, plan):
     return tf.stack(out)
 
 
-# Parameters shared by every entry: each factor is summed in a loop of its
+# Parameters shared by every entry: the factors are summed in pairs, the
+# real and imaginary parts of one complex number, each pair in a loop of its
 # own over x and gs cut in 2**_SEPARATE_FOLDS equal parts, which adds the
 # parts' products as it goes and writes a partial sum 2**-_SEPARATE_FOLDS
 # the size of x. XLA's CPU backend hands reductions to a library kernel
@@ -256,24 +257,32 @@ def _grad_parameters_kernel(x, gs, ranges, ts, plan):
 # after is written out at full size, one buffer per factor, and a process
 # whose allocator hands freed blocks back to the system page-faults each of
 # them afresh at every call. Measured forward and backward under XLA, each
-# size in its own process: at [16, 4, 128, 128], 6-8 ms here against
+# variant in its own process: at [16, 4, 128, 128], 6-8 ms here against
 # 9-28 ms for full-size products (8257 minor page faults per call in the
 # slow processes, none here); at [16, 6, 197, 197], 21-25 ms against the
 # stacked products' 27-28 ms; at [2, 8, 1024, 1024], 182 ms against 332 ms.
+# In a KerasHub Gemma training step the pairs' 16 loops took 4.3 ms, one
+# loop per factor 11.5 ms (profiled; benchmarks/README.md).
 _SEPARATE_FOLDS = 4
 
 
 @_kernel
 def _separate_sums_kernel(x, gs, ranges, ts):
-    """Σ gs · factor over every entry, one folded sum per factor: (4K,)."""
+    """Σ gs · factor over every entry, for each of the 4K factors: (4K,)."""
     parts = 2**_SEPARATE_FOLDS
     x_parts = tf.reshape(x, [parts, -1])
     gs_parts = tf.reshape(gs, [parts, -1])
-    folded = _products(x_parts[0], gs_parts[0], ranges, ts)
-    for i in range(1, parts):
+
+    def paired_products(i):
         products = _products(x_parts[i], gs_parts[i], ranges, ts)
-        folded = [f + p for f, p in zip(folded, products)]
-    return tf.stack([tf.reduce_sum(f) for f in folded])
+        return [tf.complex(a, b) for a, b in zip(products[0::2], products[1::2])]
+
+    folded = paired_products(0)
+    for i in range(1, parts):
+        folded = [f + p for f, p in zip(folded, paired_products(i))]
+    sums = tf.stack([tf.reduce_sum(f) for f in folded])
+    # (2K complex) -> (4K real), in the order of the factors.
+    return tf.reshape(tf.stack([tf.math.real(sums), tf.math.imag(sums)], axis=1), [-1])
 
 
 def _separate_sums_apply(x_shape, shape) -> bool:
