@@ -95,15 +95,16 @@ def test_gradient_shape_with_unknown_dims_and_broadcasting_parameters(fn):
 
 @pytest.mark.parametrize(
     "shape, separate",
-    [((2, 3, 8, 16), True), ((2, 3, 5, 7), False)],
-    ids=["separate_sums", "stacked_products"],
+    [((2, 3, 8, 16), True), ((4, 4, 64, 64), True), ((2, 3, 5, 7), False)],
+    ids=["separate_sums", "folded_as_computed", "stacked_products"],
 )
 @pytest.mark.parametrize("mode", ["eager", "traced"])
 def test_shared_parameter_gradients_by_either_reduction(shape, separate, mode):
-    """Parameters shared by every entry are summed factor by factor over x cut
-    in ``2**_SEPARATE_FOLDS`` parts when the entries divide evenly, with the
-    stacked products otherwise (210 entries): both equal autodiff of the plain
-    formula."""
+    """Parameters shared by every entry are summed factor by factor when the
+    entries divide in ``2**_SEPARATE_FOLDS`` parts (from
+    ``_FOLD_AS_COMPUTED_MIN_ENTRIES`` on, over x cut in those parts), with the
+    stacked products otherwise (210 entries): each equals autodiff of the
+    plain formula."""
     import tensorflow as tf
     from backend_helpers import float64
     from plain_formula import compare_with_plain_formula
@@ -111,6 +112,9 @@ def test_shared_parameter_gradients_by_either_reduction(shape, separate, mode):
     from keras_multimax.backend.tensorflow import multimax as tf_multimax
 
     assert tf_multimax._separate_sums_apply(tf.TensorShape(shape), []) == separate
+    assert (np.prod(shape) >= tf_multimax._FOLD_AS_COMPUTED_MIN_ENTRIES) == (
+        shape == (4, 4, 64, 64)
+    )
     rng = np.random.default_rng(5)
     mask = rng.random(shape) > 0.3
     with float64():

@@ -263,12 +263,20 @@ def _grad_parameters_kernel(x, gs, ranges, ts, plan):
 # stacked products' 27-28 ms; at [2, 8, 1024, 1024], 182 ms against 332 ms.
 # In a KerasHub Gemma training step the pairs' 16 loops took 4.3 ms, one
 # loop per factor 11.5 ms (profiled; benchmarks/README.md).
+# Below _FOLD_AS_COMPUTED_MIN_ENTRIES (256 KiB of float32, under glibc's
+# threshold for mapping a block of its own) each product is summed whole:
+# the parts' products make a graph 2**_SEPARATE_FOLDS times larger, whose
+# compilation costs more than the small buffers (the blockwise attention
+# op differentiates one small block at a time).
 _SEPARATE_FOLDS = 4
+_FOLD_AS_COMPUTED_MIN_ENTRIES = 2**16
 
 
 @_kernel
 def _separate_sums_kernel(x, gs, ranges, ts):
     """Σ gs · factor over every entry, for each of the 4K factors: (4K,)."""
+    if x.shape.num_elements() < _FOLD_AS_COMPUTED_MIN_ENTRIES:
+        return tf.stack([tf.reduce_sum(p) for p in _products(x, gs, ranges, ts)])
     parts = 2**_SEPARATE_FOLDS
     x_parts = tf.reshape(x, [parts, -1])
     gs_parts = tf.reshape(gs, [parts, -1])
