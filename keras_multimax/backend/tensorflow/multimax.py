@@ -227,6 +227,18 @@ def _products(x, gs, ranges, ts) -> list[tf.Tensor]:
     return [tf.where(is_zero, zero, gs * f) for f in ranges_factors + ts_factors]
 
 
+def _paired(factors: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Consecutive factors as the real and imaginary parts of one complex number."""
+    return [tf.complex(a, b) for a, b in zip(factors[0::2], factors[1::2])]
+
+
+def _unpaired(sums: tf.Tensor, shape) -> tf.Tensor:
+    """Sums of `_paired` factors, (2K, *shape) complex, as (2K, 2, *shape) real:
+    the 4K sums in the order of the factors."""
+    sums = tf.reshape(sums, [-1, *shape])
+    return tf.stack([tf.math.real(sums), tf.math.imag(sums)], axis=1)
+
+
 @_kernel
 def _grad_parameters_kernel(x, gs, ranges, ts, plan):
     """gs · factor for the 4K parameter factors, pre-summed (see `_fold_plan`).
@@ -236,7 +248,7 @@ def _grad_parameters_kernel(x, gs, ranges, ts, plan):
     """
     factors = _products(x, gs, ranges, ts)
     if len(factors) >= _COMPLEX_FROM_FACTORS:
-        factors = [tf.complex(a, b) for a, b in zip(factors[0::2], factors[1::2])]
+        factors = _paired(factors)
     kind, folds = plan
     out = []
     for p in factors:
@@ -274,23 +286,18 @@ _FOLD_AS_COMPUTED_MIN_ENTRIES = 2**16
 
 @_kernel
 def _separate_sums_kernel(x, gs, ranges, ts):
-    """Σ gs · factor over every entry, for each of the 4K factors: (4K,)."""
+    """Σ gs · factor over every entry, for the 2K `_paired` factors: (2K,) complex."""
     if x.shape.num_elements() < _FOLD_AS_COMPUTED_MIN_ENTRIES:
-        return tf.stack([tf.reduce_sum(p) for p in _products(x, gs, ranges, ts)])
-    parts = 2**_SEPARATE_FOLDS
-    x_parts = tf.reshape(x, [parts, -1])
-    gs_parts = tf.reshape(gs, [parts, -1])
-
-    def paired_products(i):
-        products = _products(x_parts[i], gs_parts[i], ranges, ts)
-        return [tf.complex(a, b) for a, b in zip(products[0::2], products[1::2])]
-
-    folded = paired_products(0)
-    for i in range(1, parts):
-        folded = [f + p for f, p in zip(folded, paired_products(i))]
-    sums = tf.stack([tf.reduce_sum(f) for f in folded])
-    # (2K complex) -> (4K real), in the order of the factors.
-    return tf.reshape(tf.stack([tf.math.real(sums), tf.math.imag(sums)], axis=1), [-1])
+        folded = _paired(_products(x, gs, ranges, ts))
+    else:
+        parts = 2**_SEPARATE_FOLDS
+        x_parts = tf.reshape(x, [parts, -1])
+        gs_parts = tf.reshape(gs, [parts, -1])
+        folded = _paired(_products(x_parts[0], gs_parts[0], ranges, ts))
+        for i in range(1, parts):
+            products = _paired(_products(x_parts[i], gs_parts[i], ranges, ts))
+            folded = [f + p for f, p in zip(folded, products)]
+    return tf.stack([tf.reduce_sum(f) for f in folded])
 
 
 def _separate_sums_apply(x_shape, shape) -> bool:
@@ -308,7 +315,7 @@ def _parameter_gradients(x, gs, ranges, ts):
     compute = _compute_dtype(x.dtype)
     shape = ranges.shape[:-1]
     if _separate_sums_apply(x.shape, shape):
-        sums = _separate_sums_kernel(x, gs, ranges, ts)
+        sums = _unpaired(_separate_sums_kernel(x, gs, ranges, ts), shape)
         return _scale_parameter_sums(sums, ranges, ts, shape, compute)
     plan = _fold_plan(tf.broadcast_static_shape(x.shape, shape), shape)
     stacked = _grad_parameters_kernel(x, gs, ranges, ts, plan)
@@ -324,11 +331,8 @@ def _parameter_gradients(x, gs, ranges, ts):
         axes = [1 + i for i in range(lead)]
         axes += [1 + lead + i for i, d in enumerate(shape) if d == 1]
         sums = tf.reduce_sum(stacked, axis=axes) if axes else stacked
-    n = ts.shape[-1]
     if stacked.dtype.is_complex:
-        # (2K complex) -> (4K real), back in the order of the factors.
-        sums = tf.reshape(sums, [n, *shape])
-        sums = tf.stack([tf.math.real(sums), tf.math.imag(sums)], axis=1)
+        sums = _unpaired(sums, shape)
     return _scale_parameter_sums(sums, ranges, ts, shape, compute)
 
 
