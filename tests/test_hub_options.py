@@ -388,11 +388,23 @@ class _ToyAttention(keras.layers.Layer):
         return keras.ops.einsum("bts,bsd->btd", self._softmax(scores)[:, 0], v)
 
 
+class _ToyBlock(keras.layers.Layer):
+    """A transformer block: it creates its attention layer in `build`, as
+    KerasHub's blocks do."""
+
+    def build(self, input_shape):
+        self.attention = _ToyAttention(name="attention")
+        self.attention.build(input_shape)
+
+    def call(self, x):
+        return x + self.attention(x)
+
+
 @keras.saving.register_keras_serializable(package="tests")
 class _ToyBackbone(keras_hub.models.Backbone):
     def __init__(self, hidden_dim=8, **kwargs):
         inputs = keras.Input((None, hidden_dim))
-        outputs = _ToyAttention(name="attention")(inputs)
+        outputs = _ToyBlock(name="block")(inputs)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.hidden_dim = hidden_dim
 
@@ -412,7 +424,7 @@ def test_a_new_family_converts_once_its_classes_are_registered():
 
     hub.register_model(_ToyBackbone, MultiMaxToyBackbone)
     with pytest.raises(
-        ValueError, match=r"'attention': .*_ToyAttention\n.*register_attention"
+        ValueError, match=r"block/attention': .*_ToyAttention\n.*register_attention"
     ):
         to_multimax(model)
 
@@ -422,7 +434,7 @@ def test_a_new_family_converts_once_its_classes_are_registered():
     hub.register_attention(_ToyAttention, MultiMaxToyAttention)
     new = to_multimax(model, per_head=True)
     assert type(new) is MultiMaxToyBackbone
-    assert type(new.get_layer("attention")) is MultiMaxToyAttention
+    assert type(new.get_layer("block").attention) is MultiMaxToyAttention
     x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
     assert H.rel_diff(_np(new(x)), _np(model(x))) <= TS0_BOUND
     H.activate(new)
@@ -432,18 +444,102 @@ def test_a_new_family_converts_once_its_classes_are_registered():
     assert H.rel_diff(_np(revived(x)), _np(new(x))) <= TS0_BOUND
 
 
-def test_enable_multimax_needs_a_built_layer_with_a_twin():
+class _FlatAttention(_ToyAttention):
+    """Called directly in a backbone's Functional graph, in no block."""
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class _FlatBackbone(keras_hub.models.Backbone):
+    def __init__(self, **kwargs):
+        inputs = keras.Input((None, 8))
+        outputs = _FlatAttention(name="attention")(inputs)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+
+def test_attention_called_in_the_functional_graph_itself_raises():
+    class MultiMaxFlatBackbone(hub.MultiMaxBackbone, _FlatBackbone):
+        pass
+
+    class MultiMaxFlatAttention(hub.SoftmaxSublayerTwin, _FlatAttention):
+        heads_attribute = "num_heads"
+
+    hub.register_model(_FlatBackbone, MultiMaxFlatBackbone)
+    hub.register_attention(_FlatAttention, MultiMaxFlatAttention)
+    with pytest.raises(ValueError, match="node of a Functional graph"):
+        to_multimax(_FlatBackbone())
+
+
+def test_multimax_twin_needs_a_built_layer_with_a_twin():
     with pytest.raises(ValueError, match="not built yet"):
-        hub.enable_multimax(keras.layers.MultiHeadAttention(2, 4))
+        hub.multimax_twin(keras.layers.MultiHeadAttention(2, 4))
     dense = keras.layers.Dense(2)
     dense.build((None, 3))
     with pytest.raises(ValueError, match=r"keras.src.*Dense.*register_attention"):
-        hub.enable_multimax(dense)
-    layer = keras_hub.layers.CachedMultiHeadAttention(2, 4)
+        hub.multimax_twin(dense)
+
+
+def test_multimax_twin_is_a_new_layer_with_the_originals_state():
+    layer = keras_hub.layers.CachedMultiHeadAttention(2, 4, name="attention")
     layer.build((None, 3, 8), (None, 3, 8))
-    assert hub.enable_multimax(layer, per_head=True) is layer
-    assert isinstance(layer, keras_hub.layers.CachedMultiHeadAttention)
-    assert isinstance(layer, hub.MultiMaxTwin) and tuple(layer.ts.shape) == (2, 4)
+    H.randomize(layer)
+    twin = hub.multimax_twin(layer, per_head=True)
+    # The original stays what it was: a SoftMax layer, of its own class.
+    assert type(layer) is keras_hub.layers.CachedMultiHeadAttention
+    assert not isinstance(layer, hub.MultiMaxTwin)
+    assert isinstance(twin, keras_hub.layers.CachedMultiHeadAttention)
+    assert isinstance(twin, hub.MultiMaxTwin) and tuple(twin.ts.shape) == (2, 4)
+    # Same variables, by path and value, besides the modulator.
+    weights = {v.path: _np(v) for v in layer.weights}
+    twin_weights = {v.path: _np(v) for v in twin.weights}
+    assert set(twin_weights) - set(weights) == {"attention/ranges", "attention/ts"}
+    for path, value in weights.items():
+        np.testing.assert_array_equal(twin_weights[path], value)
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype("float32")
+    assert H.rel_diff(_np(twin(x, x)), _np(layer(x, x))) <= TS0_BOUND
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma", "qwen3", "xlnet"])
+def test_a_multimax_backbone_holds_twins_where_the_blocks_held_attention(family):
+    """Each twin sits at its block's attribute, and at the same place in the
+    block's tracked layers (so that the weights keep their order), with the
+    constructor arguments of the layer it replaced."""
+    original = H.backbone(family)
+    new = to_multimax(original)
+    old_blocks = [
+        la
+        for la in original._flatten_layers()
+        if any(hub.attention_twin(type(child)) for child in _children(la))
+    ]
+    new_blocks = [
+        la
+        for la in new._flatten_layers()
+        if any(isinstance(child, hub.MultiMaxTwin) for child in _children(la))
+    ]
+    assert old_blocks
+    for old_block, new_block in zip(old_blocks, new_blocks, strict=True):
+        for old, twin in zip(_children(old_block), _children(new_block), strict=True):
+            if not isinstance(twin, hub.MultiMaxTwin):
+                assert type(twin) is type(old)
+                continue
+            assert hub.attention_twin(type(old)) is type(twin)
+            held = [name for name, value in vars(new_block).items() if value is twin]
+            assert held and all(getattr(old_block, name) is old for name in held)
+            for name, value in vars(old).items():
+                if not name.startswith("_") and isinstance(
+                    value, (bool, int, float, str, type(None))
+                ):
+                    assert getattr(twin, name) == value, name
+    assert [_relative_path(v, original) for v in original.weights] == [
+        _relative_path(v, new) for v in new.weights if v.name not in ("ranges", "ts")
+    ]
+
+
+def _children(layer):
+    return layer._flatten_layers(include_self=False, recursive=False)
+
+
+def _relative_path(variable, model):
+    return variable.path.removeprefix(f"{model.name}/")
 
 
 def test_a_backbone_nested_in_a_functional_model_converts():

@@ -6,13 +6,14 @@ How it works, in three explicit pieces:
    keras_multimax defines a subclass (``keras_multimax/hub/_twins.py``) that
    overrides where the class normalises its scores (``_compute_attention``,
    as KerasHub's own families do) so that its weights are MultiMax, and
-   registers it (`register_attention`). `enable_multimax` turns a built
-   layer into its twin in place, as ``enable_lora()`` upgrades a built layer.
+   registers it (`register_attention`). `multimax_twin` builds the twin of a
+   built layer from its config, with its weights, LoRA and quantization.
 2. **Model classes.** Each supported Backbone and Task class has a MultiMax
    subclass (``keras_multimax/hub/_families.py``, `register_model`,
    registered with Keras as ``keras_multimax>MultiMax<Name>``): the backbone
-   builds the original architecture and calls `enable_multimax` on every
-   attention layer; its config adds ``modulator`` and ``per_head``.
+   builds the original architecture, then puts the twin of every attention
+   layer where the layer was, in the block that holds it; its config adds
+   ``modulator`` and ``per_head``.
 3. **Conversion and loading.** `keras_multimax.convert.to_multimax` builds
    the MultiMax class from the original's config and copies its weights,
    LoRA adapters and quantization; `from_preset` loads any KerasHub preset
@@ -41,7 +42,7 @@ from keras_multimax.hub._attention import MultiHeadAttentionTwin  # noqa: E402
 from keras_multimax.hub._attention import MultiMaxTwin  # noqa: E402
 from keras_multimax.hub._attention import SoftmaxSublayerTwin  # noqa: E402
 from keras_multimax.hub._attention import attention_twin  # noqa: E402
-from keras_multimax.hub._attention import enable_multimax  # noqa: E402
+from keras_multimax.hub._attention import multimax_twin  # noqa: E402
 from keras_multimax.hub._attention import register_attention  # noqa: E402
 from keras_multimax.hub._models import MultiMaxBackbone  # noqa: E402
 from keras_multimax.hub._models import is_multimax  # noqa: E402
@@ -56,10 +57,10 @@ __all__ = [
     "MultiMaxTwin",
     "SoftmaxSublayerTwin",
     "attention_twin",
-    "enable_multimax",
     "from_preset",
     "is_multimax",
     "multimax_class",
+    "multimax_twin",
     "register_attention",
     "register_model",
 ]

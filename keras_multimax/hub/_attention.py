@@ -5,7 +5,9 @@ class: it overrides the method where that class normalises its scores (the
 one KerasHub's own families override, ``_compute_attention``) so that the
 weights are MultiMax, never SoftMax (no fused SoftMax kernel either), and
 owns the modulator's ``ranges``/``ts``. `register_attention` records which
-twin serves which class; `enable_multimax` turns a built layer into its twin.
+twin serves which class; `multimax_twin` builds the twin of a built layer,
+with its state, and `enable_multimax_in` puts the twins where the layers
+were in a model's blocks.
 
 Two kinds of twin cover KerasHub 0.32 (``keras_multimax/hub/_twins.py``):
 
@@ -28,6 +30,8 @@ import math
 import keras
 
 from keras_multimax import ops as mm_ops
+from keras_multimax._transfer import modulator_variables
+from keras_multimax._transfer import transfer_state
 from keras_multimax.layers.multimax import MultiMax
 from keras_multimax.layers.multimax_attention import use_blockwise_attention
 from keras_multimax.layers.multimax_attention import validate_per_head
@@ -41,7 +45,7 @@ __all__ = [
     "MultiMaxTwin",
     "SoftmaxSublayerTwin",
     "attention_twin",
-    "enable_multimax",
+    "multimax_twin",
     "register_attention",
 ]
 
@@ -148,12 +152,35 @@ def _new_state(layer):
 class MultiMaxTwin:
     """Base of the MultiMax twins of attention classes (see `register_attention`).
 
-    A twin subclasses the attention class it serves and this base, overrides
-    the method where that class normalises its scores, and creates its
-    modulator in `_build_multimax`, which `enable_multimax` calls once on a
-    built layer. It must not need any other state than its parent's and the
+    A twin subclasses the attention class it serves and this base, and
+    overrides the method where that class normalises its scores.
+    `multimax_twin` builds it from the original layer's config (`_twin_config`)
+    and build config, then calls `_build_multimax` once to create the
+    modulator. It must not need any other state than its parent's and the
     modulator.
     """
+
+    # For a parent whose `get_config` is missing or incomplete (KerasHub never
+    # serialises its attention layers: its blocks create them in `build`):
+    # the parent's constructor arguments, each read from the attribute where
+    # the parent's `__init__` stores it.
+    constructor_arguments: dict[str, str] = {}
+
+    @classmethod
+    def _twin_config(cls, layer, modulator: Modulator, per_head: bool) -> dict:
+        """The config the twin of ``layer`` is built from: ``layer.get_config()``,
+        or the base layer's config and `constructor_arguments`."""
+        if not cls.constructor_arguments:
+            return layer.get_config()
+        # What `keras.layers.Layer.get_config` writes for every layer.
+        config = {
+            "name": layer.name,
+            "trainable": layer.trainable,
+            "dtype": layer.dtype_policy,
+        }
+        for argument, attribute in cls.constructor_arguments.items():
+            config[argument] = getattr(layer, attribute)
+        return config
 
     def _build_multimax(self, modulator: Modulator, per_head: bool) -> None:
         """Creates the modulator of this built layer (``ranges``/``ts``)."""
@@ -178,14 +205,18 @@ class MultiHeadAttentionTwin(MultiMaxTwin):
     class: ``class MultiMaxX(MultiHeadAttentionTwin, MultiMaxAttention, X)``.
     MultiMaxAttention's ``_compute_attention`` and ``_masked_softmax``
     normalise with MultiMax on every path; ``ranges``/``ts`` (per head with
-    ``per_head``) are weights of the layer itself.
+    ``per_head``) are weights of the layer itself, which its ``build``
+    creates from the ``modulator`` and ``per_head`` of its config.
     """
 
+    @classmethod
+    def _twin_config(cls, layer, modulator, per_head):
+        config = super()._twin_config(layer, modulator, per_head)
+        return {**config, "modulator": modulator, "per_head": per_head}
+
     def _build_multimax(self, modulator, per_head):
-        self._init_attention_modulator(per_head, modulator)
-        with _new_state(self):
-            # `add_weight` names them under the layer's path ("<path>/ts").
-            self._build_attention_modulator(self._num_heads)
+        # MultiMaxAttention's `build` created the modulator already.
+        pass
 
 
 class SoftmaxSublayerTwin(MultiMaxTwin):
@@ -275,8 +306,9 @@ def register_attention(kerashub_class: type, multimax_class: type) -> None:
     """Registers the MultiMax twin of an attention class.
 
     `keras_multimax.convert.to_multimax` (and every MultiMax KerasHub model
-    built from its config) turns each attention layer of exactly the class
-    ``kerashub_class`` into a ``multimax_class`` (`enable_multimax`).
+    built from its config) puts a ``multimax_class`` (`multimax_twin`) in
+    place of each attention layer of exactly the class ``kerashub_class``
+    (`enable_multimax_in`).
     keras_multimax registers the twins of the KerasHub 0.32 classes it
     supports; this hook adds another (a new KerasHub family, or your own
     attention layer), like Hugging Face's ``AttentionInterface.register``.
@@ -293,10 +325,11 @@ def register_attention(kerashub_class: type, multimax_class: type) -> None:
     >>> class MultiMaxMyAttention(SoftmaxSublayerTwin, MyAttention):
     ...     heads_attribute = "num_heads"
     >>> register_attention(MyAttention, MultiMaxMyAttention)
-    >>> layer = MyAttention()
+    >>> layer = MyAttention(name="attention")
     >>> _ = layer(keras.ops.ones((1, 3, 4)))
-    >>> type(enable_multimax(layer)).__name__, layer.multimax.ts.path
-    ('MultiMaxMyAttention', 'my_attention/softmax/ts')
+    >>> twin = multimax_twin(layer)
+    >>> type(twin).__name__, twin.multimax.ts.path
+    ('MultiMaxMyAttention', 'attention/softmax/ts')
 
     Args:
         kerashub_class: The attention class, a `keras.layers.Layer` subclass.
@@ -329,31 +362,43 @@ def attention_twin(kerashub_class: type) -> type | None:
     return _TWINS.get(kerashub_class)
 
 
-def enable_multimax(
+def multimax_twin(
     layer: keras.layers.Layer, modulator=None, per_head: bool = False
 ) -> keras.layers.Layer:
-    """Turns a built attention layer into its MultiMax twin, in place.
+    """The MultiMax twin of a built attention layer, with the layer's state.
 
-    The one place where a KerasHub layer changes: like Keras' own
-    ``Dense.enable_lora()`` and ``quantize()``, it upgrades a built layer
-    where it stands (the block that holds it, and its projections, LoRA
-    adapters, quantized weights and weight paths, stay as they are). The
-    layer's class becomes its registered twin (`register_attention`), a
-    subclass that changes only how scores are normalised, and the twin
-    creates its modulator (``ranges``/``ts``, under the layer's path).
+    A new layer of the class registered for ``type(layer)``
+    (`register_attention`), built the way Keras rebuilds a saved layer: from
+    the layer's config (``get_config()``, or its constructor arguments, see
+    `MultiMaxTwin.constructor_arguments`) and ``get_build_config()``, under the same
+    parent path, so that its variables have the paths of the layer's. It
+    takes the layer's quantization, LoRA adapters and weights
+    (`keras_multimax._transfer.transfer_state`), then creates its modulator
+    (``ranges``/``ts``, under its path). ``layer`` itself is unchanged; a
+    MultiMax backbone puts the twin where the layer was
+    (`enable_multimax_in`).
+
+    Example:
+
+    >>> import keras_hub
+    >>> layer = keras_hub.layers.CachedMultiHeadAttention(2, 4)
+    >>> layer.build((None, 3, 8), (None, 3, 8))
+    >>> twin = multimax_twin(layer, per_head=True)
+    >>> type(twin).__name__, tuple(twin.ts.shape)
+    ('MultiMaxCachedMultiHeadAttention', (2, 4))
 
     Args:
         layer: A built layer whose class has a registered twin.
         modulator: The modulator's configuration (`keras_multimax.Modulator`,
-            a name or a config dict; default ``ts = 0``, where the layer
-            computes what it computed before).
+            a name or a config dict; default ``ts = 0``, where the twin
+            computes what ``layer`` computes).
         per_head: Boolean, one modulator per query head.
 
     Returns:
-        ``layer``, now an instance of its twin.
+        The twin, built.
     """
-    twin = attention_twin(type(layer))
-    if twin is None:
+    twin_class = attention_twin(type(layer))
+    if twin_class is None:
         raise ValueError(
             f"No MultiMax twin is registered for the attention class "
             f"{_qualified(type(layer))} of layer {layer.path or layer.name!r}. "
@@ -364,15 +409,31 @@ def enable_multimax(
         )
     if not layer.built:
         raise ValueError(
-            f"`enable_multimax` upgrades built layers; layer {layer.name!r} is "
-            "not built yet. Call it on the layer after `build` (or after a "
-            "call), as `enable_lora`."
+            f"`multimax_twin` takes built layers; layer {layer.name!r} is not "
+            "built yet. Call it on the layer after `build` (or after a call)."
         )
     modulator = get_modulator(modulator)
     validate_per_head(per_head)
-    layer.__class__ = twin
-    layer._build_multimax(modulator, per_head)
-    return layer
+    twin = twin_class.from_config(twin_class._twin_config(layer, modulator, per_head))
+    # The layer's variables were created under "<parent path>/<name>/".
+    parent = layer.path.rpartition("/")[0] if layer.path else ""
+    with _parent_scope(parent):
+        twin.build_from_config(layer.get_build_config())
+        twin._build_multimax(modulator, per_head)
+    transfer_state(layer, twin, created=modulator_variables(twin))
+    return twin
+
+
+@contextlib.contextmanager
+def _parent_scope(path: str):
+    """Keras' name scope ``path`` (``"a/b/c"``), for a layer built outside
+    its parent's ``build``."""
+    if not path:
+        yield
+        return
+    head, _, last = path.rpartition("/")
+    with keras.name_scope(last, override_parent=head or None):
+        yield
 
 
 def _qualified(cls: type) -> str:
@@ -411,11 +472,18 @@ def describe(layers) -> str:
 
 
 def enable_multimax_in(model, modulator: Modulator, per_head: bool) -> list:
-    """`enable_multimax` on every attention layer of a built `model`.
+    """Puts the `multimax_twin` of every attention layer of `model` in its place.
 
-    Attention layers with no registered twin (see `find_attention`) raise
-    before anything changes, naming their classes and `register_attention`,
-    as does a model with no attention at all. Returns the upgraded layers.
+    The one place where a KerasHub model changes. Each attention layer with a
+    registered twin is held by an attribute of its parent (the transformer
+    block that created it in its ``build``, e.g. ``_self_attention_layer``):
+    that attribute is set to the twin, and the parent's list of tracked
+    layers holds the twin at the layer's position, so that the weights keep
+    their order. The block's ``call`` then calls the twin. Attention layers
+    with no registered twin (see `find_attention`) raise before anything
+    changes, naming their classes and `register_attention`, as does a model
+    with no attention at all, or one whose parent holds it otherwise than in
+    an attribute. Returns the twins.
     """
     upgrade, missing = find_attention(model._flatten_layers(include_self=False))
     if missing:
@@ -431,6 +499,37 @@ def enable_multimax_in(model, modulator: Modulator, per_head: bool) -> list:
             f"{type(model).__name__} {model.name!r} has no attention layer "
             "with a registered MultiMax twin: there is nothing to convert."
         )
-    for layer in upgrade:
-        enable_multimax(layer, modulator, per_head)
-    return upgrade
+    places = [_place_of(model, layer) for layer in upgrade]
+    twins = []
+    for layer, (parent, attributes) in zip(upgrade, places):
+        twin = multimax_twin(layer, modulator, per_head)
+        with _new_state(parent):
+            parent._tracker.replace_tracked_value("layers", layer, twin)
+            for attribute in attributes:
+                setattr(parent, attribute, twin)
+        twins.append(twin)
+    return twins
+
+
+def _place_of(model, layer) -> tuple:
+    """The layer of `model` that tracks `layer`, and its attributes holding it."""
+    for parent in model._flatten_layers(include_self=True):
+        children = parent._flatten_layers(include_self=False, recursive=False)
+        if any(child is layer for child in children):
+            attributes = [
+                name for name, value in vars(parent).items() if value is layer
+            ]
+            if isinstance(parent, keras.Model) or not attributes:
+                raise ValueError(
+                    f"The attention layer {layer.path!r} is held by "
+                    f"{type(parent).__name__} {parent.name!r} otherwise than in "
+                    "an attribute of a layer (as a node of a Functional graph, "
+                    "or in a list or a dict), where its MultiMax twin cannot "
+                    "take its place. Hold it in a block layer that creates it "
+                    "in `build`, as KerasHub's transformer blocks do."
+                )
+            return parent, attributes
+    raise ValueError(
+        f"The attention layer {layer.path!r} has no parent in "
+        f"{type(model).__name__} {model.name!r}."
+    )

@@ -2,8 +2,8 @@
 
 A KerasHub Backbone or Task rebuilds from its config: the MultiMax copy is
 the registered MultiMax class (`multimax_class`) built from the original's
-config plus the modulator's, which turns every attention layer into its twin
-as it is built; then `keras_multimax._transfer.transfer_state` gives it the
+config plus the modulator's, which puts the twin of every attention layer in
+its place as it is built; then `keras_multimax._transfer.transfer_state` gives it the
 original's LoRA adapters and weights (a quantized original's config already
 builds the copy quantized).
 """

@@ -1,8 +1,8 @@
 """MultiMax KerasHub models: the backbone mixin and the model-class registry.
 
 A MultiMax backbone is a subclass of a KerasHub backbone class and of
-`MultiMaxBackbone`: it builds the original architecture, then turns every
-attention layer into its twin (`enable_multimax`). Its config adds
+`MultiMaxBackbone`: it builds the original architecture, then puts the twin
+of every attention layer in its place (`enable_multimax_in`). Its config adds
 ``modulator`` and ``per_head`` to the original's, so that ``from_config``,
 ``.keras`` files and presets rebuild it, in a fresh process too, once its
 class is registered with Keras (``import keras_multimax.hub`` registers the
@@ -37,7 +37,7 @@ class MultiMaxBackbone:
 
     ``class MultiMaxXBackbone(MultiMaxBackbone, XBackbone)`` takes the
     arguments of ``XBackbone`` plus the two below, builds ``XBackbone``, and
-    turns every attention layer into its registered MultiMax twin.
+    puts the registered MultiMax twin of every attention layer in its place.
 
     Args:
         modulator: The configuration of every attention layer's modulator

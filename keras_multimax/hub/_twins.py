@@ -88,8 +88,19 @@ class MultiMaxTwoStreamRelativeAttention(
     """XLNet's relative attention, whose ``compute_attention`` normalises
     through ``_masked_softmax``: MultiMaxAttention's."""
 
+    def build(self, content_stream_shape):
+        # XLNet's build (one stream's shape), not MultiMaxAttention's
+        # (query, value and key shapes), then the modulator.
+        TwoStreamRelativeAttention.build(self, content_stream_shape)
+        self._build_attention_modulator(self._num_heads)
+
 
 # -- Layers with a Softmax sublayer ----------------------------------------
+
+
+def _same_names(*names: str) -> dict:
+    """`MultiMaxTwin.constructor_arguments` stored under their own names."""
+    return {name: name for name in names}
 
 
 class _RotaryAttentionTwin(SoftmaxSublayerTwin):
@@ -127,6 +138,21 @@ class _RotaryAttentionTwin(SoftmaxSublayerTwin):
 class MultiMaxLlamaAttention(_RotaryAttentionTwin, LlamaAttention):
     """Llama's (and Llama 3's) attention with MultiMax."""
 
+    # KerasHub 0.32's `LlamaAttention.get_config` reads an attribute that
+    # `__init__` never sets (`rope_scaling_factor`).
+    constructor_arguments = _same_names(
+        "num_query_heads",
+        "num_key_value_heads",
+        "rope_max_wavelength",
+        "rope_position_scaling_factor",
+        "rope_frequency_adjustment_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_pretraining_sequence_length",
+        "kernel_initializer",
+        "dropout",
+    )
+
 
 class MultiMaxCachedMistralAttention(_RotaryAttentionTwin, CachedMistralAttention):
     """Mistral's attention with MultiMax."""
@@ -159,6 +185,20 @@ class MultiMaxQwenAttention(_RotaryAttentionTwin, QwenAttention):
 
 class MultiMaxQwen3Attention(_RotaryAttentionTwin, Qwen3Attention):
     """Qwen3's attention with MultiMax (and its optional sliding window)."""
+
+    # KerasHub 0.32's `Qwen3Attention.get_config` leaves out `head_dim` and
+    # `layer_norm_epsilon`.
+    constructor_arguments = _same_names(
+        "num_query_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rope_max_wavelength",
+        "rope_scaling_factor",
+        "kernel_initializer",
+        "dropout",
+        "layer_norm_epsilon",
+        "sliding_window_size",
+    )
 
     def _windowed_mask(self, attention_mask, cache_update_index):
         if not self.sliding_window_size:
@@ -216,12 +256,41 @@ class _GemmaTwin(SoftmaxSublayerTwin):
         return ops.reshape(results, (b, q_len, self.num_query_heads, h))
 
 
+# KerasHub 0.32's Gemma attention classes have no `get_config`.
+_GEMMA_ARGUMENTS = {
+    **_same_names(
+        "head_dim",
+        "num_query_heads",
+        "num_key_value_heads",
+        "logit_soft_cap",
+        "use_sliding_window_attention",
+        "sliding_window_size",
+        "query_head_dim_normalize",
+        "dropout",
+    ),
+    "kernel_initializer": "_kernel_initializer",
+}
+
+
 class MultiMaxCachedGemmaAttention(_GemmaTwin, CachedGemmaAttention):
     """Gemma's (and Gemma 2's) attention with MultiMax."""
+
+    constructor_arguments = _GEMMA_ARGUMENTS
 
 
 class MultiMaxCachedGemma3Attention(_GemmaTwin, CachedGemma3Attention):
     """Gemma 3's attention with MultiMax."""
+
+    constructor_arguments = {
+        **_GEMMA_ARGUMENTS,
+        **_same_names(
+            "use_query_key_norm",
+            "layer_norm_epsilon",
+            "rope_wavelength",
+            "rope_scaling_factor",
+            "use_bidirectional_attention",
+        ),
+    }
 
 
 class MultiMaxGPTNeoXAttention(SoftmaxSublayerTwin, GPTNeoXAttention):
