@@ -20,6 +20,9 @@ per-round MultiMax/SoftMax ratios. The targets are ≤ 1.10 for both.
 each converted model (``--families``) against KerasHub's, forward and backward under
 the backend's compiler, with the backend's profiler: the time of every
 compiled XLA operation, named by what it computes (from the optimized HLO).
+``--profile-decode`` profiles the compiled decode step of each model the same
+way and lists the loops that XLA's CPU backend splits into parallel tasks
+(``outer_dimension_partitions`` in the optimized HLO), with their times.
 
 Usage::
 
@@ -27,6 +30,7 @@ Usage::
     python benchmarks/bench_hub.py --backend jax        # one backend, in this process
     python benchmarks/bench_hub.py --backend tensorflow --processes 5
     python benchmarks/bench_hub.py --profile [--backend tensorflow]
+    python benchmarks/bench_hub.py --profile-decode --backend jax --families llama
 
 ``--processes N`` runs the timing in N fresh processes per backend, one after
 the other, and reports the median over processes of each process's ratio
@@ -78,12 +82,18 @@ def parse_args(argv=None):
         "over processes is reported",
     )
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="profile the compiled decode step instead, op by op, and list "
+        "the loops XLA splits into parallel tasks",
+    )
     parser.add_argument("--output", help="JSON path (default benchmarks/results/)")
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error(f"--processes must be at least 1. Received: {args.processes}")
-    if args.processes > 1 and args.profile:
-        parser.error("--processes times the steps; --profile runs in one process")
+    if args.processes > 1 and (args.profile or args.profile_decode):
+        parser.error("--processes times the steps; profiles run in one process")
     return args
 
 
@@ -96,6 +106,8 @@ def main(argv=None):
     sys.path.insert(0, str(HERE.parent))
     if args.profile:
         return run_profile(args)
+    if args.profile_decode:
+        return run_decode_profile(args)
     return run_timing(args)
 
 
@@ -117,6 +129,7 @@ def run_processes(args):
                 command += ["--runs", str(args.runs), "--families", args.families]
                 command += ["--what", args.what, "--output", str(out)]
                 command += ["--profile"] if args.profile else []
+                command += ["--profile-decode"] if args.profile_decode else []
                 subprocess.run(command, check=True)
                 payloads.append(json.loads(out.read_text()))
         if args.processes == 1:
@@ -132,7 +145,13 @@ def run_processes(args):
     if args.processes > 1:
         rows = [r for b in backends for r in results[b]["summary"]]
         print("\n" + markdown_over_processes(rows))
-    name = "hub_profile.json" if args.profile else "hub.json"
+    name = (
+        "hub_profile.json"
+        if args.profile
+        else "hub_decode_profile.json"
+        if args.profile_decode
+        else "hub.json"
+    )
     path = _common.write_json(name, results, args.output)
     print(f"\nwrote {path}")
 
@@ -519,6 +538,97 @@ def run_profile(args):
         "profile": records,
     }
     _common.write_json("hub_profile.json", payload, args.output)
+
+
+def decode_program(model, rng):
+    """`decode_step`'s compiled function and its arguments, to profile."""
+    import keras
+
+    x, _ = batch(rng, CONFIG["decode_batch_size"])
+    model.jit_compile = True
+    _, cache = model._build_cache(x["token_ids"])
+    token = keras.ops.convert_to_tensor(x["token_ids"][:, 64:65])
+    index = keras.ops.convert_to_tensor(64, "int32")
+    if keras.config.backend() == "jax":
+        import jax
+
+        variables = model.variables
+
+        @jax.jit
+        def step(values, token, cache, index):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return model.call_with_cache(token, cache, index)[::2]
+
+        return step, ([v.value for v in variables], token, cache, index)
+    import tensorflow as tf
+
+    step = tf.function(
+        lambda token, cache, index: model.call_with_cache(token, cache, index)[::2],
+        jit_compile=True,
+    )
+    return step, (token, cache, index)
+
+
+def parallel_loops(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> partitions, for the loops XLA's CPU backend
+    splits into parallel tasks (``outer_dimension_partitions``)."""
+    import re
+
+    pattern = re.compile(
+        r"^\s*(?:ROOT )?%?([\w.\-]+) = .*outer_dimension_partitions\":\[([^\]]+)\]"
+    )
+    found = {}
+    for line in hlo.splitlines():
+        match = pattern.match(line)
+        if match:
+            found[match.group(1)] = match.group(2).replace('"', "")
+    return found
+
+
+def run_decode_profile(args):
+    import _common
+    import keras
+    import numpy as np
+
+    records = {}
+    for family in args.families.split(","):
+        for kind, model in twins(family).items():
+            fn, fn_args = decode_program(model, np.random.default_rng(0))
+            hlo = optimized_hlo(fn, fn_args)
+            ops = describe_hlo(hlo)
+            split = parallel_loops(hlo)
+            events = profile_events(fn, fn_args, repeats=100)
+            timed = {name: t for name, t in events.items() if name in ops}
+            split_us = sum(timed.get(name, 0.0) for name in split)
+            records[f"{family}/{kind}"] = {
+                "total_us": sum(timed.values()),
+                "parallel_loops_us": split_us,
+                "parallel_loops": [
+                    {
+                        "name": name,
+                        "partitions": parts,
+                        "us": timed.get(name),
+                        "what": ops.get(name, ""),
+                    }
+                    for name, parts in split.items()
+                ],
+            }
+            print(
+                f"\n{keras.config.backend()} {family} {kind}: ops "
+                f"{sum(timed.values()):.0f} us per decode step; {len(split)} "
+                f"loops split into parallel tasks take {split_us:.0f} us:"
+            )
+            for name, parts in split.items():
+                print(
+                    f"  {timed.get(name, float('nan')):8.1f} us  {name:28s} "
+                    f"[{parts}] {ops.get(name, '')}"
+                )
+    payload = {
+        "environment": _common.environment(),
+        "config": CONFIG,
+        "decode_profile": records,
+    }
+    _common.write_json("hub_decode_profile.json", payload, args.output)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,27 @@ def test_bench_hub_reports_the_median_ratio_over_processes(monkeypatch):
     assert "| 250.00–330.00 ms | 325.00–330.00 ms | **1.10×** (1.00–1.30), n = 3 |" in (
         table
     )
+
+
+def test_bench_hub_finds_the_loops_xla_splits_into_parallel_tasks(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_hub
+
+    # Two instructions of an optimized HLO module as XLA's CPU backend prints
+    # them (JAX 0.10): the first split in 2 along its outer dimension, the
+    # library call with an empty list not split, the copy split in 2 × 3.
+    hlo = (
+        "  %clamp_select_fusion.3 = f32[4,4,1,128]{3,2,1,0} fusion(%p.1, %dot.10), "
+        'kind=kLoop, calls=%fused_computation.10, backend_config={"outer_dimension_'
+        'partitions":["2"]}\n'
+        "  %subtract_exponential_fusion = f32[4,4,1,128]{3,2,1,0} fusion(%a, %b), "
+        "kind=kLoop, calls=%fused_computation.9\n"
+        "  %ynn_fusion.3 = f32[4,128]{1,0} fusion(%c, %d), kind=kCustom, calls=%f.3, "
+        'backend_config={"outer_dimension_partitions":[],"fusion_config":{}}\n'
+        '  ROOT %copy.7 = f32[64,512]{1,0} copy(%x), backend_config={"outer_dimension_'
+        'partitions":["2","3"]}\n'
+    )
+    assert bench_hub.parallel_loops(hlo) == {
+        "clamp_select_fusion.3": "2",
+        "copy.7": "2,3",
+    }
