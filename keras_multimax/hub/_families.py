@@ -4,8 +4,8 @@ One explicit subclass per KerasHub Backbone and Task class of each family
 (`register_model`), registered with Keras as ``keras_multimax>MultiMax<Name>``
 (the names keras_multimax 0.2.0 wrote into ``.keras`` files and presets):
 
-- a backbone ``MultiMax<Backbone>`` is ``<Backbone>`` with every attention
-  layer turned into its twin (`keras_multimax.hub.MultiMaxBackbone`);
+- a backbone ``MultiMax<Backbone>`` is ``<Backbone>`` with the twin of every
+  attention layer in its place (`keras_multimax.hub.MultiMaxBackbone`);
 - a task ``MultiMax<Task>`` is ``<Task>`` with that backbone as its
   ``backbone_cls``, so that KerasHub's loaders (``CausalLM.from_preset``...)
   find it for a MultiMax preset.
