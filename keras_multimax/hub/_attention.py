@@ -499,7 +499,12 @@ def enable_multimax_in(model, modulator: Modulator, per_head: bool) -> list:
             f"{type(model).__name__} {model.name!r} has no attention layer "
             "with a registered MultiMax twin: there is nothing to convert."
         )
-    places = [_place_of(model, layer) for layer in upgrade]
+    parents = {
+        id(child): parent
+        for parent in model._flatten_layers(include_self=True)
+        for child in parent._flatten_layers(include_self=False, recursive=False)
+    }
+    places = [_place_of(parents.get(id(layer)), layer, model) for layer in upgrade]
     twins = []
     for layer, (parent, attributes) in zip(upgrade, places):
         twin = multimax_twin(layer, modulator, per_head)
@@ -511,25 +516,22 @@ def enable_multimax_in(model, modulator: Modulator, per_head: bool) -> list:
     return twins
 
 
-def _place_of(model, layer) -> tuple:
-    """The layer of `model` that tracks `layer`, and its attributes holding it."""
-    for parent in model._flatten_layers(include_self=True):
-        children = parent._flatten_layers(include_self=False, recursive=False)
-        if any(child is layer for child in children):
-            attributes = [
-                name for name, value in vars(parent).items() if value is layer
-            ]
-            if isinstance(parent, keras.Model) or not attributes:
-                raise ValueError(
-                    f"The attention layer {layer.path!r} is held by "
-                    f"{type(parent).__name__} {parent.name!r} otherwise than in "
-                    "an attribute of a layer (as a node of a Functional graph, "
-                    "or in a list or a dict), where its MultiMax twin cannot "
-                    "take its place. Hold it in a block layer that creates it "
-                    "in `build`, as KerasHub's transformer blocks do."
-                )
-            return parent, attributes
-    raise ValueError(
-        f"The attention layer {layer.path!r} has no parent in "
-        f"{type(model).__name__} {model.name!r}."
-    )
+def _place_of(parent, layer, model) -> tuple:
+    """`parent` (the layer of `model` that tracks `layer`) and its attributes
+    holding `layer`."""
+    if parent is None:
+        raise ValueError(
+            f"The attention layer {layer.path!r} has no parent in "
+            f"{type(model).__name__} {model.name!r}."
+        )
+    attributes = [name for name, value in vars(parent).items() if value is layer]
+    if isinstance(parent, keras.Model) or not attributes:
+        raise ValueError(
+            f"The attention layer {layer.path!r} is held by "
+            f"{type(parent).__name__} {parent.name!r} otherwise than in "
+            "an attribute of a layer (as a node of a Functional graph, "
+            "or in a list or a dict), where its MultiMax twin cannot "
+            "take its place. Hold it in a block layer that creates it "
+            "in `build`, as KerasHub's transformer blocks do."
+        )
+    return parent, attributes
